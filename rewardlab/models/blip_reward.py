@@ -1,0 +1,76 @@
+"""ImageReward / CycleReward: a BLIP backbone whose multimodal [CLS] feature feeds an MLP head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import ModelSpec
+from .blip import BLIPBackbone, TextConfig, VisionConfig
+from .tokenizer import TextTokenizer, bert_tokenizer
+
+HEAD_WIDTHS = (1024, 128, 64, 16, 1)
+
+
+def reward_head(width: int, kind: str) -> nn.Sequential:
+    """The 5-layer MLP head. ``linear``: ImageReward's (dropout between layers, no activation, keys
+    ``layers.{0,2,4,6,7}``); ``gelu``: CycleReward's (GELU between layers, keys ``layers.{0,2,4,6,8}``)."""
+    layers: list[nn.Module] = []
+    dims = (width, *HEAD_WIDTHS)
+    dropouts = (0.2, 0.2, 0.1, None)
+    for i in range(len(HEAD_WIDTHS)):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i == len(HEAD_WIDTHS) - 1:
+            break
+        if kind == "gelu":
+            layers.append(nn.GELU())
+        elif kind == "linear":
+            if dropouts[i] is not None:
+                layers.append(nn.Dropout(dropouts[i]))
+        else:
+            raise ValueError(f"unknown head kind {kind!r} (expected 'linear' or 'gelu')")
+    return nn.Sequential(*layers)
+
+
+class BlipReward(nn.Module):
+    """reward = (head(text_encoder([CLS] | image)) - mean) / std, computed in float32 after the backbone."""
+
+    def __init__(self, vision: VisionConfig, text: TextConfig, head: str, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.blip = BLIPBackbone(vision, text)
+        self.mlp = nn.Module()
+        self.mlp.layers = reward_head(text.hidden_size, head)
+        self.head_kind = head
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        cls = self.blip.multimodal_cls(pixels, text["input_ids"], text["attention_mask"])
+        with torch.autocast(device_type=cls.device.type, enabled=False):
+            raw = self.mlp.layers(cls.float()).squeeze(-1)
+        return (raw - self.mean) / self.std
+
+
+def build(spec: ModelSpec) -> BlipReward:
+    opts = spec.options
+    vision = VisionConfig(**opts.get("vision", {}))
+    text = TextConfig(**opts.get("text", {}))
+    return BlipReward(vision, text, opts["head"], opts.get("mean", 0.0), opts.get("std", 1.0))
+
+
+def tokenizer(spec: ModelSpec) -> TextTokenizer:
+    return TextTokenizer(bert_tokenizer(spec.max_tokens))
+
+
+def detect(keys: set[str]) -> str | None:
+    """'gelu' or 'linear' if ``keys`` are a BLIP reward checkpoint, else None."""
+    if "blip.visual_encoder.cls_token" not in keys or "mlp.layers.0.weight" not in keys:
+        return None
+    if "mlp.layers.8.weight" in keys:
+        return "gelu"
+    if "mlp.layers.7.weight" in keys:
+        return "linear"
+    return None
+
+
+IGNORED_KEYS = ("position_ids",)  # a buffer the official BERT saves; positions are computed here

@@ -1,0 +1,75 @@
+"""Image preprocessing: resize the shorter side, centre crop, normalise.
+
+Two resize back ends share the crop geometry and normalisation: PIL (bit-exact with the official
+packages' torchvision-on-PIL transform, used by ``score``) and torch (differentiable, used by
+``score_tensors``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .registry import Preprocess
+
+_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``size`` (longer side truncated, as torchvision)."""
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return width, height
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def crop_box(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of a centred ``size`` x ``size`` crop (rounded half to even, as torchvision)."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def pil_to_array(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Resize + crop in the image's own mode, then convert to RGB: (size, size, 3) uint8."""
+    new_w, new_h = resized_size(image.width, image.height, spec.size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[spec.resize])
+    if new_w < spec.size or new_h < spec.size:
+        raise ValueError(f"image of size {image.size} is smaller than the crop {spec.size}")
+    left, top = crop_box(new_w, new_h, spec.size)
+    image = image.crop((left, top, left + spec.size, top + spec.size))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def normalize(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """(x - mean) / std per channel on a (B, 3, H, W) float tensor in [0, 1]."""
+    mean = torch.tensor(spec.mean, dtype=pixels01.dtype, device=pixels01.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=pixels01.dtype, device=pixels01.device).view(1, 3, 1, 1)
+    return (pixels01 - mean) / std
+
+
+def arrays_to_tensor(arrays: list[np.ndarray], spec: Preprocess, device: torch.device) -> torch.Tensor:
+    """Stack preprocessed uint8 HWC arrays into a normalised float32 (B, 3, S, S) batch on ``device``."""
+    batch = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)
+    return normalize(batch.permute(0, 3, 1, 2).float().div(255.0), spec)
+
+
+def tensor_preprocess(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """Differentiable preprocessing of (B, 3, H, W) [0, 1] tensors: antialiased resize, crop, normalise."""
+    if pixels01.ndim == 3:
+        pixels01 = pixels01.unsqueeze(0)
+    if pixels01.ndim != 4 or pixels01.shape[1] != 3:
+        raise ValueError(f"expected pixels of shape (B, 3, H, W) in [0, 1], got {tuple(pixels01.shape)}")
+    if not pixels01.is_floating_point():
+        raise TypeError(f"expected a float tensor in [0, 1], got {pixels01.dtype}")
+    height, width = pixels01.shape[-2:]
+    new_w, new_h = resized_size(width, height, spec.size)
+    x = pixels01
+    if (new_w, new_h) != (width, height):
+        x = F.interpolate(x, size=(new_h, new_w), mode=spec.resize, antialias=spec.resize != "nearest",
+                          align_corners=False if spec.resize != "nearest" else None)
+    left, top = crop_box(new_w, new_h, spec.size)
+    x = x[..., top : top + spec.size, left : left + spec.size]
+    return normalize(x, spec)

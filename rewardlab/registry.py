@@ -1,0 +1,127 @@
+"""Model registry: one spec record per reward model, kept as data (hub source, preprocessing, head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a checkpoint file can be downloaded from."""
+
+    kind: str  # "hf" (huggingface_hub) or "url" (plain HTTPS, cached under the hub cache folder)
+    location: str  # hub repo id, or the full URL
+    filename: str  # file inside the hub repo, or the cached file name for a URL
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image preprocessing: resize the shorter side, centre crop, normalise."""
+
+    size: int = 224
+    resize: str = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build, load and describe one reward model."""
+
+    name: str
+    architecture: str  # key into rewardlab.models.ARCHITECTURES
+    sources: tuple[WeightSource, ...]
+    preprocess: Preprocess = Preprocess()
+    max_tokens: int = 35
+    uses_prompt: bool = True
+    normalization: str = "none"  # human-readable description of the output transform
+    licence: str = "unknown"
+    description: str = ""
+    options: dict = field(default_factory=dict)  # architecture-specific build options
+
+    def to_row(self) -> dict[str, str]:
+        """A flat description for tables (`rewardlab models`)."""
+        src = self.sources[0] if self.sources else None
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "weights": f"{src.location}/{src.filename}" if src else "-",
+            "preprocess": f"{self.preprocess.size}px {self.preprocess.resize}",
+            "mean/std": "CLIP" if self.preprocess.mean == CLIP_MEAN else str(self.preprocess.mean),
+            "max_tokens": str(self.max_tokens),
+            "prompt": "yes" if self.uses_prompt else "ignored",
+            "output": self.normalization,
+            "licence": self.licence,
+        }
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a spec to the registry (names are case-insensitive)."""
+    key = spec.name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[key] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look up a registered model by name."""
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    return [spec.name for spec in _REGISTRY.values()]
+
+
+def all_specs() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+_CYCLE_RELEASE = "https://github.com/hjbahng/cyclereward/releases/download/v1.0.0"
+
+register(
+    ModelSpec(
+        name="imagereward-v1.0",
+        architecture="blip-reward",
+        sources=(WeightSource("hf", "THUDM/ImageReward", "ImageReward.pt"),),
+        max_tokens=35,
+        normalization=f"(head - {IMAGEREWARD_MEAN}) / {IMAGEREWARD_STD}",
+        licence="Apache-2.0",
+        description="ImageReward v1.0 (Xu et al. 2023): BLIP ViT-L/16 + cross-attention BERT + linear MLP head.",
+        options={"head": "linear", "mean": IMAGEREWARD_MEAN, "std": IMAGEREWARD_STD},
+    )
+)
+for _variant, _what in (
+    ("combo", "trained on both I2T and T2I cycle preferences"),
+    ("i2t", "trained on image-to-text cycle preferences (caption ranking)"),
+    ("t2i", "trained on text-to-image cycle preferences (image ranking)"),
+):
+    _file = f"CycleReward-{_variant.capitalize() if _variant == 'combo' else _variant.upper()}"
+    register(
+        ModelSpec(
+            name=f"cyclereward-{_variant}",
+            architecture="blip-reward",
+            sources=(
+                WeightSource("hf", f"carolineec/{_file}", f"{_file}.pth"),
+                WeightSource("url", f"{_CYCLE_RELEASE}/{_file}.pth", f"{_file}.pth"),
+            ),
+            max_tokens=128,
+            normalization="raw head output",
+            licence="MIT",
+            description=f"CycleReward (Bahng et al. 2025), {_what}: BLIP ViT-L/16 + GELU MLP head.",
+            options={"head": "gelu", "mean": 0.0, "std": 1.0},
+        )
+    )
