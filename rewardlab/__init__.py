@@ -5,7 +5,7 @@
     >>> scorer.score("a red bicycle", ["a.png", "b.png"])
 """
 
-from .api import load
+from .api import load, save_checkpoint
 from .checkpoint import CheckpointError
 from .hub import WeightsNotFoundError
 from .images import ImageLoadError
@@ -14,6 +14,6 @@ from .scorer import Ranking, Scorer, ScoreResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "list_models", "get_spec", "ModelSpec", "Scorer", "ScoreResult", "Ranking",
+    "load", "save_checkpoint", "list_models", "get_spec", "ModelSpec", "Scorer", "ScoreResult", "Ranking",
     "ImageLoadError", "CheckpointError", "WeightsNotFoundError", "__version__",
 ]

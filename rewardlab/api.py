@@ -102,3 +102,14 @@ def resolve_weights_path(path: Path) -> Path:
 
         raise WeightsNotFoundError(f"checkpoint file not found: {path}")
     return path
+
+
+def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:
+    """Save ``model`` as safetensors with ``spec`` embedded, so ``rewardlab.load(path)`` rebuilds it.
+
+    Keys are saved without any ``module.`` prefix (unwrap DDP/accelerate models before calling)."""
+    from safetensors.torch import save_file
+
+    state = {k.removeprefix("module."): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={SPEC_METADATA_KEY: spec_to_json(spec)})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -38,19 +37,13 @@ def _patch_tokenizer() -> None:
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights: matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.02)."""
-    gen = torch.Generator().manual_seed(seed)
-    embeddings = ("word_embeddings.weight", "position_embeddings.weight", "pos_embed", "cls_token")
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=gen)
-            if "norm" in name.lower():
-                value = 1.0 + 0.1 * noise if name.endswith("weight") else 0.02 * noise
-            elif param.ndim >= 2 and not name.endswith(embeddings):
-                value = noise / math.sqrt(math.prod(param.shape[1:]))
-            else:
-                value = 0.02 * noise
-            param.copy_(value)
+    """rewardlab.testing.randomize, loaded by path: rewardlab itself is not installed in this venv."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_testing", Path(__file__).resolve().parents[1] / "rewardlab" / "testing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.randomize(model, seed)
 
 
 def build(model_name: str) -> torch.nn.Module:
