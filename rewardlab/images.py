@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -43,8 +42,7 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
             raise ImageLoadError(name, "float array contains NaN or inf")
         return Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     if array.dtype == np.uint16:
-        return Image.fromarray((array.astype(np.uint32) * 255 + 32767) // 65535).convert("L") if array.ndim == 2 \
-            else Image.fromarray(((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
+        return Image.fromarray(((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
     if array.dtype == bool:
         return Image.fromarray(array.astype(np.uint8) * 255)
     raise ImageLoadError(name, f"unsupported array dtype {array.dtype}")

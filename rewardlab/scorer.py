@@ -175,7 +175,7 @@ class Scorer:
                 pixels = arrays_to_tensor([items[i] for i in good], self.spec.preprocess, self.device)
                 batch_prompts = prompts if isinstance(prompts, str) else [prompts[start + i] for i in good]
                 values = self._forward(pixels, batch_prompts).cpu().tolist()
-                for i, value in zip(good, values):
+                for i, value in zip(good, values, strict=True):
                     scores[start + i] = value
             bar(len(items))
         return ScoreResult(scores, errors)
