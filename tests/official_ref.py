@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--prompts-file", help="JSON list of extra prompts scored against the first image")
+    parser.add_argument("--time-rank", type=int, default=0,
+                        help="also time N repeats of the official per-image rank loop (after one warm-up)")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args()
 
@@ -98,6 +100,17 @@ def main() -> None:
                     result["prompt_scores"].append(model.score(prompt, Image.open(args.images[0])))
                 else:
                     result["prompt_scores"].append(model.score(first, prompt).item())
+        if args.time_rank:
+            import time
+
+            rank = model.inference_rank if args.model == "imagereward" else None
+            if rank is None:
+                raise SystemExit("--time-rank needs --model imagereward")
+            rank(args.prompt, args.images)
+            start = time.perf_counter()
+            for _ in range(args.time_rank):
+                rank(args.prompt, args.images)
+            result["rank_seconds"] = (time.perf_counter() - start) / args.time_rank
     Path(args.out).write_text(json.dumps(result))
 
 

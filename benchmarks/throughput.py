@@ -1,0 +1,109 @@
+"""Images/s of rewardlab vs the official image-reward package, measured in the same run.
+
+Ranks 8 images for one prompt with ImageReward-v1.0 architecture and identical random weights:
+official = its per-image fp32 loop (`inference_rank`), rewardlab = batched fp32 and bf16 autocast.
+Prints images/s, the speed ratios, and the score deviations (fp32 and bf16 vs official).
+
+    python benchmarks/throughput.py [--repeats 3] [--batch-size 8] [--models clipscore-vit-l-14 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "imagereward"
+PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
+
+
+def eight_images(folder: Path) -> list[str]:
+    """The 4 real example generations plus 4 real photos (or noise if scikit-image is absent)."""
+    images = [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
+    try:
+        import skimage
+
+        data = Path(skimage.__file__).parent / "data"
+        images += [str(data / n) for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")]
+    except ImportError:
+        from PIL import Image
+
+        for i in range(4):
+            path = folder / f"noise{i}.png"
+            Image.fromarray((np.random.RandomState(i).rand(512, 512, 3) * 255).astype(np.uint8)).save(path)
+            images.append(str(path))
+    return images
+
+
+def time_rewardlab(scorer, images: list[str], batch_size: int, repeats: int) -> tuple[float, list[float]]:
+    scores = scorer.rank(PROMPT, images, batch_size=batch_size).scores  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        scorer.rank(PROMPT, images, batch_size=batch_size)
+    return len(images) * repeats / (time.perf_counter() - start), scores
+
+
+def extra_model_rows(names: list[str], images: list[str], batch_size: int, repeats: int, folder: Path) -> None:
+    import rewardlab
+    from rewardlab.registry import get_spec
+    from rewardlab.testing import make_random_checkpoint
+
+    for name in names:
+        checkpoint = make_random_checkpoint(folder / f"{name}.safetensors", get_spec(name), seed=0)
+        row = [name]
+        for dtype in ("fp32", "bf16"):
+            scorer = rewardlab.load(name, checkpoint=checkpoint, dtype=dtype)
+            row.append(f"{time_rewardlab(scorer, images, batch_size, repeats)[0]:.2f}")
+        print(f"{row[0]:<24} fp32 {row[1]:>7} img/s   bf16 {row[2]:>7} img/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--official-python", default=str(REPO / ".official-venv" / "bin" / "python"))
+    parser.add_argument("--models", nargs="*", default=[], help="extra registry models to time (random weights)")
+    args = parser.parse_args()
+
+    import torch
+
+    import rewardlab
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        images = eight_images(folder)
+        checkpoint, out = folder / "ir.pt", folder / "ref.json"
+        subprocess.run([args.official_python, str(REPO / "tests" / "official_ref.py"), "--model", "imagereward",
+                        "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", PROMPT,
+                        "--time-rank", str(args.repeats), *images], check=True, capture_output=True)
+        ref = json.loads(out.read_text())
+        official_ips = len(images) / ref["rank_seconds"]
+
+        rows = []
+        for dtype in ("fp32", "bf16"):
+            scorer = rewardlab.load("imagereward-v1.0", checkpoint=checkpoint, dtype=dtype)
+            ips, scores = time_rewardlab(scorer, images, args.batch_size, args.repeats)
+            deviation = float(np.abs(np.array(scores) - np.array(ref["rank_scores"])).max())
+            same_order = np.argsort(scores).tolist() == np.argsort(ref["rank_scores"]).tolist()
+            rows.append((dtype, ips, deviation, same_order))
+
+        print(f"ImageReward-v1.0 architecture, {len(images)} images, 1 prompt, torch threads {torch.get_num_threads()}")
+        print(f"{'implementation':<28}{'img/s':>8}{'s/img':>8}{'vs official':>13}{'max |Δ|':>10}  ranking")
+        print(f"{'official (fp32 loop)':<28}{official_ips:>8.2f}{1 / official_ips:>8.3f}{1.0:>12.2f}x{0.0:>10.1e}  reference")
+        for dtype, ips, deviation, same_order in rows:
+            label = f"rewardlab {dtype} b{args.batch_size}"
+            print(f"{label:<28}{ips:>8.2f}{1 / ips:>8.3f}{ips / official_ips:>12.2f}x{deviation:>10.1e}  "
+                  f"{'identical' if same_order else 'DIFFERENT'}")
+        if args.models:
+            extra_model_rows(args.models, images, args.batch_size, args.repeats, folder)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
