@@ -94,7 +94,10 @@ def main() -> None:
             same_order = np.argsort(scores).tolist() == np.argsort(ref["rank_scores"]).tolist()
             rows.append((dtype, ips, deviation, same_order))
 
-        print(f"ImageReward-v1.0 architecture, {len(images)} images, 1 prompt, torch threads {torch.get_num_threads()}")
+        from rewardlab.scorer import cpu_has_fast_bf16
+
+        print(f"ImageReward-v1.0 architecture, {len(images)} images, 1 prompt, torch threads {torch.get_num_threads()}, "
+              f"CPU {torch.backends.cpu.get_cpu_capability()}, bf16 hardware (AMX/AVX512-BF16): {cpu_has_fast_bf16()}")
         print(f"{'implementation':<28}{'img/s':>8}{'s/img':>8}{'vs official':>13}{'max |Δ|':>10}  ranking")
         print(f"{'official (fp32 loop)':<28}{official_ips:>8.2f}{1 / official_ips:>8.3f}{1.0:>12.2f}x{0.0:>10.1e}  reference")
         for dtype, ips, deviation, same_order in rows:

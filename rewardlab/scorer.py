@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -30,6 +31,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); None when it cannot be told."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return None
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) if flags else None
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Compute dtype. Default: bf16 on CUDA GPUs that support it (fast, |Δ| ≤ 0.05), else fp32 (exact)."""
     if dtype is None or dtype == "auto":
@@ -39,11 +50,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+        resolved = dtype
+    else:
+        try:
+            resolved = DTYPES[dtype.lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+    if resolved == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16() is False:
+        warnings.warn("this CPU has neither AMX nor AVX512-BF16: bf16 runs slower than fp32 here", stacklevel=3)
+    return resolved
 
 
 @dataclass

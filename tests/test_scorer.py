@@ -77,10 +77,20 @@ def test_score_tensors_matches_score_without_resize_and_has_gradients(tiny_score
     assert pixels.grad.abs().sum() > 0
 
 
-def test_dtype_resolution():
+def test_dtype_resolution(monkeypatch):
+    import warnings
+
+    from rewardlab import scorer as scorer_module
+
     cpu = torch.device("cpu")
     assert resolve_dtype(None, cpu) == torch.float32
-    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(scorer_module, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(scorer_module, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype(torch.float16, cpu) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", cpu)
