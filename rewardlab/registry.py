@@ -114,7 +114,10 @@ for _variant, _what in (
         ModelSpec(
             name=f"cyclereward-{_variant}",
             architecture="blip-reward",
+            # The hub repos' file layout is not pinned down here: the hub-mixin name first, then the
+            # release file name in the same repo, then the GitHub release asset.
             sources=(
+                WeightSource("hf", f"carolineec/{_file}", "model.safetensors"),
                 WeightSource("hf", f"carolineec/{_file}", f"{_file}.pth"),
                 WeightSource("url", f"{_CYCLE_RELEASE}/{_file}.pth", f"{_file}.pth"),
             ),

@@ -26,6 +26,7 @@ def test_missing_weights_error_says_what_where_and_how(offline_hub):
     with pytest.raises(WeightsNotFoundError) as info:
         resolve_weights(get_spec("cyclereward-t2i"))
     message = str(info.value)
+    assert "model.safetensors from hub repo carolineec/CycleReward-T2I" in message
     assert "CycleReward-T2I.pth from hub repo carolineec/CycleReward-T2I" in message
     assert "releases/download/v1.0.0/CycleReward-T2I.pth" in message
     assert "checkpoint=PATH" in message and "--checkpoint PATH" in message
