@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -77,6 +78,13 @@ def open_image(image: ImageInput, index: int = 0) -> Image.Image:
     name = describe(image, index)
     if isinstance(image, Image.Image):
         pil = image
+    elif isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as handle:
+                handle.load()
+                pil = ImageOps.exif_transpose(handle)
+        except Exception as exc:
+            raise ImageLoadError(name, f"cannot decode image bytes ({type(exc).__name__}: {exc})") from exc
     elif isinstance(image, np.ndarray):
         pil = _from_array(image, name)
     elif isinstance(image, (str, os.PathLike)):

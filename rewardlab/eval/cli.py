@@ -1,0 +1,151 @@
+"""`rewardlab eval`: agreement of one or more reward models with human judgements."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from ..data.groups import DataError, Group, load_imagereward, load_pairs, load_rankings
+
+DATA_HELP = """Dataset, as KIND:PATH. KIND is one of
+imagereward (test.json of ImageRewardDB), pairs (JSONL/Parquet of prompt,image_a,image_b,label),
+rankings (JSONL/Parquet of prompt,images,ranking), hf:LAYOUT (LAYOUT = pickapic, hpdv2,
+cycleprefdb-i2t, cycleprefdb-t2i; PATH = hub name, saved dataset folder or data file),
+generators (folder ROOT/<generator>/<prompt id>.png, with --prompts and optionally --human-ranking).
+A bare path ending in .json is read as imagereward."""
+
+
+def load_groups(spec: str, image_root: str | None = None, split: str = "test") -> list[Group]:
+    """Parse a ``--data`` spec into groups."""
+    kind, _, path = spec.partition(":") if ":" in spec else ("imagereward" if spec.endswith(".json") else "", "", spec)
+    if kind == "hf":
+        from ..data.hf import load_hf
+
+        layout, _, source = path.partition(":")
+        return load_hf(layout, source, split)
+    loaders = {"imagereward": load_imagereward, "pairs": load_pairs, "rankings": load_rankings}
+    if kind not in loaders:
+        raise click.BadParameter(f"unknown data kind {kind!r} in {spec!r}; see --help", param_hint="--data")
+    if not Path(path).exists():
+        raise click.BadParameter(f"{path} does not exist", param_hint="--data")
+    return loaders[kind](path, image_root)
+
+
+def generator_groups(root: str, prompts_file: str) -> tuple[list[Group], list[str]]:
+    """One group per benchmark prompt holding each generator's image for it; returns (groups, generators)."""
+    prompts = {str(p["id"]): p["prompt"] for p in json.loads(Path(prompts_file).read_text())}
+    generators = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    if not generators:
+        raise click.BadParameter(f"{root} has no generator sub-folders", param_hint="--data")
+    groups = []
+    for pid, prompt in prompts.items():
+        images = []
+        for gen in generators:
+            matches = sorted((Path(root) / gen).glob(f"{pid}.*"))
+            images.append(str(matches[0]) if matches else str(Path(root) / gen / f"{pid}.png"))
+        groups.append(Group(pid, [prompt] * len(generators), images, [0.0] * len(generators)))
+    return groups, generators
+
+
+def _table(results, extra) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rewardlab eval")
+    columns = ["model", "pairs", "accuracy", "95% CI", "macro", "tie-aware", "recall@1", "recall@2", "recall@4",
+               "filter@1", "filter@2", "filter@4", "skipped"]
+    for c in columns:
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for r in results:
+        m = r.metrics
+
+        def f(v):
+            return "–" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}"
+
+        table.add_row(r.model, str(m["pairs"]), f(m["accuracy"]), f"{f(m['ci95'][0])}–{f(m['ci95'][1])}",
+                      f(m["macro_accuracy"]), f(m["tie_aware_accuracy"]), *(f(m[k]) for k in columns[6:12]),
+                      str(r.skipped_groups))
+    buffer = StringIO()
+    console = Console(file=buffer, width=180)
+    console.print(table)
+    for model, info in (extra or {}).items():
+        line = f"{model}: generators best first: {', '.join(info['order'])}"
+        if "spearman" in info:
+            line += f"; Spearman {info['spearman']:.3f}, Kendall {info['kendall']:.3f} vs human"
+        console.print(line)
+    return buffer.getvalue()
+
+
+@click.command("eval", help="Evaluate reward models against human judgements.\n\n" + DATA_HELP)
+@click.option("--model", "-m", "models", multiple=True, required=True, help="Registry name or checkpoint (repeatable).")
+@click.option("--checkpoint", "checkpoints", multiple=True, help="Weights for the --model at the same position.")
+@click.option("--data", "-d", required=True, help="KIND:PATH (see above).")
+@click.option("--image-root", type=click.Path(file_okay=False), help="Folder the dataset's image paths are relative to.")
+@click.option("--split", default="test", show_default=True, help="Split for hf: datasets.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="benchmark-prompts.json for generators: data.")
+@click.option("--human-ranking", type=click.Path(exists=True, dir_okay=False),
+              help="JSON {generator: rank} (1 = best) to correlate the generator ranking with.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write an HTML report here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all metrics as JSON here.")
+@click.option("--cache", type=click.Path(dir_okay=False), help="Score cache (default ~/.cache/rewardlab/scores.sqlite).")
+@click.option("--no-cache", is_flag=True, help="Score everything afresh and store nothing.")
+@click.option("--batch-size", "-b", type=int, default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@click.option("--no-progress", is_flag=True)
+def eval_command(models, checkpoints, data, image_root, split, prompts_file, human_ranking, report, json_out, cache,
+                 no_cache, batch_size, device, dtype, no_progress) -> None:
+    from .. import load
+    from .cache import ScoreCache
+    from .metrics import rank_generators
+    from .runner import evaluate
+
+    if checkpoints and len(checkpoints) != len(models):
+        raise click.UsageError("give one --checkpoint per --model (in the same order), or none")
+    generators = None
+    try:
+        if data.startswith("generators:"):
+            if not prompts_file:
+                raise click.UsageError("generators: data needs --prompts benchmark-prompts.json")
+            groups, generators = generator_groups(data.partition(":")[2], prompts_file)
+        else:
+            groups = load_groups(data, image_root, split)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
+    store = None if no_cache else ScoreCache(cache)
+    results, extra = [], {}
+    human = {str(k): float(v) for k, v in json.loads(Path(human_ranking).read_text()).items()} if human_ranking else None
+    for n, name in enumerate(models):
+        scorer = load(name, checkpoint=checkpoints[n] if checkpoints else None, device=device, dtype=dtype)
+        result = evaluate(scorer, groups, store, batch_size, progress=not no_progress)
+        results.append(result)
+        if generators:
+            means = {}
+            for position, gen in enumerate(generators):
+                values = [s[position] for s in result.scores if not math.isnan(s[position])]
+                means[gen] = sum(values) / len(values) if values else float("nan")
+            extra[result.model] = rank_generators(means, human)
+        for message in result.errors:
+            click.echo(f"error: {message}", err=True)
+    click.echo(_table(results, extra), nl=False)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"data": data, "results": [
+            {"model": r.model, "metrics": r.metrics, "by_group_size": {str(k): v for k, v in r.by_group_size.items()},
+             "errors": r.errors, "scored_now": r.scored, **({"generators": extra[r.model]} if r.model in extra else {})}
+            for r in results]}, indent=1))
+    if report:
+        from .report import write_report
+
+        write_report(report, results, groups, extra=extra or None)
+        click.echo(f"report written to {report}")
+    if store:
+        store.close()
+    if any(r.errors for r in results):
+        sys.exit(1)
