@@ -114,7 +114,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.width))
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, 0 at the first block
         self.blocks = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False

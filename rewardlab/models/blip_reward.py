@@ -44,8 +44,14 @@ class BlipReward(nn.Module):
         self.mean = float(mean)
         self.std = float(std)
 
-    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        cls = self.blip.multimodal_cls(pixels, text["input_ids"], text["attention_mask"])
+    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor], image_index: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Rewards of (image, text) rows. With ``image_index``, ``pixels`` holds distinct images and row i
+        uses ``pixels[image_index[i]]`` (each image is encoded once, e.g. for two captions of one image)."""
+        image_embeds = self.blip.visual_encoder(pixels)
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
+        cls = self.blip.text_encoder(text["input_ids"], text["attention_mask"], image_embeds)[:, 0]
         with torch.autocast(device_type=cls.device.type, enabled=False):
             raw = self.mlp.layers(cls.float()).squeeze(-1)
         return (raw - self.mean) / self.std
