@@ -104,10 +104,10 @@ def test_freeze_ratio_exact_parameter_set():
 @pytest.mark.parity
 def test_freeze_ratio_matches_official_cyclereward(tmp_path):
     script = (
-        "import sys, json; sys.path.insert(0, %r); import official_ref as o\n"
+        "import sys, json; sys.path.insert(0, {!r}); import official_ref as o\n"
         "m = o.build('cyclereward')\n"
         "print(json.dumps(sorted(n for n, p in m.named_parameters() if p.requires_grad)))\n"
-    ) % str(REPO / "tests")
+    ).format(str(REPO / "tests"))
     out = subprocess.run([official_python(), "-c", script], check=True, capture_output=True, text=True, timeout=600)
     official = set(json.loads(out.stdout.strip().splitlines()[-1]))
     trainable, _ = _ours_frozen(0.7)
