@@ -1,0 +1,112 @@
+"""`rewardlab cycle t2i2t | i2t2i | pairs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _progress(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="input")
+    return bar, bar.update
+
+
+def _summary(stats, counts) -> str:
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.dropped.items())) or "none"
+    return (f"inputs {stats.inputs}, candidates {stats.candidates}, pairs kept {stats.kept} "
+            f"(train {counts['train']}, valid {counts['valid']}, test {counts['test']}); dropped: {dropped}")
+
+
+def _pair_options(func):
+    func = click.option("--margin", type=float, default=0.005, show_default=True,
+                        help="Drop pairs whose scores differ by less.")(func)
+    func = click.option("--floor", type=float, default=None,
+                        help="Quality floor of the preferred candidate (default: SBERT ≥ 0.4 for t2i2t, DreamSim ≤ 0.7 "
+                             "for i2t2i).")(func)
+    return click.option("--split-seed", type=int, default=0, show_default=True)(func)
+
+
+@click.group("cycle")
+def cycle_group() -> None:
+    """Build preference pairs by cycle consistency (CycleReward's recipe), resumably."""
+
+
+@cycle_group.command("t2i2t")
+@click.option("--prompts", required=True, type=click.Path(exists=True), help="Text file (one prompt a line) or JSONL.")
+@click.option("--generator", "generators", multiple=True, required=True, help="diffusers:<repo or folder> (repeatable).")
+@click.option("--captioner", required=True, help="hf:<repo or folder> or vllm:<repo>.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds per generator.")
+@click.option("--steps", type=int, default=28, show_default=True)
+@click.option("--guidance", type=float, default=7.0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@_pair_options
+def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device, out_dir, margin, floor, split_seed):
+    """Text → image (several generators and seeds) → caption, scored by SBERT cosine to the prompt."""
+    from .models import resolve_captioner, resolve_generator
+    from .pairs import PairRules
+    from .pipeline import export_pairs, read_inputs, run_t2i2t
+    from .similarity import SbertSimilarity
+
+    inputs = read_inputs(prompts, "t2i2t")
+    gens = [resolve_generator(g, steps=steps, guidance=guidance, device=device) for g in generators]
+    bar, tick = _progress(len(inputs), "t2i2t")
+    run_t2i2t(inputs, gens, resolve_captioner(captioner, device=device), SbertSimilarity(device=device),
+              [int(s) for s in seeds.split(",")], out_dir, tick)
+    bar.close()
+    stats, counts = export_pairs(Path(out_dir) / "manifest.jsonl", Path(out_dir) / "pairs",
+                                 PairRules(True, margin, 0.4 if floor is None else floor), split_seed)
+    click.echo(_summary(stats, counts))
+
+
+@cycle_group.command("i2t2i")
+@click.option("--images", required=True, type=click.Path(exists=True), help="Folder of images or JSONL with image paths.")
+@click.option("--captioner", "captioners", multiple=True, required=True, help="hf:<repo> or vllm:<repo> (repeatable).")
+@click.option("--generator", required=True, help="diffusers:<repo or folder> (SD3 in the paper).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=28, show_default=True)
+@click.option("--guidance", type=float, default=7.0, show_default=True)
+@click.option("--metric", type=click.Choice(["dreamsim", "ssim"]), default="dreamsim", show_default=True,
+              help="Image distance; dreamsim falls back to 1-SSIM when unavailable.")
+@click.option("--device", default=None)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@_pair_options
+def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, device, out_dir, margin, floor, split_seed):
+    """Image → caption (several captioners) → image, scored by DreamSim distance to the input."""
+    from .models import resolve_captioner, resolve_generator
+    from .pairs import PairRules
+    from .pipeline import export_pairs, read_inputs, run_i2t2i
+    from .similarity import image_distance
+
+    inputs = read_inputs(images, "i2t2i")
+    distance = image_distance(metric, device)
+    bar, tick = _progress(len(inputs), "i2t2i")
+    run_i2t2i(inputs, [resolve_captioner(c, device=device) for c in captioners],
+              resolve_generator(generator, steps=steps, guidance=guidance, device=device), distance, seed, out_dir, tick)
+    bar.close()
+    default_floor = 0.7 if distance.name == "dreamsim" else None
+    stats, counts = export_pairs(Path(out_dir) / "manifest.jsonl", Path(out_dir) / "pairs",
+                                 PairRules(False, margin, default_floor if floor is None else floor), split_seed)
+    click.echo(_summary(stats, counts))
+
+
+@cycle_group.command("pairs")
+@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@_pair_options
+def pairs_command(manifest, out_dir, margin, floor, split_seed):
+    """(Re)build pair files from a finished or partial manifest with other rules."""
+    import json
+
+    from .pairs import PairRules
+    from .pipeline import export_pairs
+
+    first = json.loads(Path(manifest).read_text().splitlines()[0])
+    higher = first["kind"] == "t2i2t"
+    if floor is None:
+        floor = 0.4 if higher else (0.7 if first["metric"] == "dreamsim" else None)
+    stats, counts = export_pairs(manifest, out_dir, PairRules(higher, margin, floor), split_seed)
+    click.echo(_summary(stats, counts))
