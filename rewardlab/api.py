@@ -25,15 +25,16 @@ def spec_to_json(spec: ModelSpec) -> str:
         "uses_prompt": spec.uses_prompt, "normalization": spec.normalization, "licence": spec.licence,
         "description": spec.description, "options": spec.options,
         "preprocess": {"size": spec.preprocess.size, "resize": spec.preprocess.resize,
-                       "mean": list(spec.preprocess.mean), "std": list(spec.preprocess.std)},
+                       "mean": list(spec.preprocess.mean), "std": list(spec.preprocess.std),
+                       "backend": spec.preprocess.backend, "crop": spec.preprocess.crop},
     })
 
 
 def spec_from_json(text: str) -> ModelSpec:
     data = json.loads(text)
     pre = data.pop("preprocess")
-    return ModelSpec(sources=(), preprocess=Preprocess(pre["size"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"])),
-                     **data)
+    return ModelSpec(sources=(), preprocess=Preprocess(pre["size"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"]),
+                                                       pre.get("backend", "pil"), pre.get("crop", "round")), **data)
 
 
 def _safetensors_spec(path: Path) -> ModelSpec | None:
@@ -67,17 +68,21 @@ def detect_spec(path: Path, state: dict[str, torch.Tensor]) -> ModelSpec:
                           "pass a registry name with checkpoint=PATH")
 
 
-def load(name: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> Scorer:
+def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | None = None,
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Scorer:
     """Load a reward model as a :class:`Scorer`.
 
-    ``name`` is a registry name (``rewardlab.list_models()``) or a checkpoint file whose architecture
-    is detected from its keys. Weights come from ``checkpoint`` if given, else the huggingface_hub
-    cache or a download. Every checkpoint key must match the model (missing/unexpected keys raise).
+    ``name`` is a registry name (``rewardlab.list_models()``), a checkpoint file whose architecture
+    is detected from its keys, or a :class:`ModelSpec` (custom configurations). Weights come from
+    ``checkpoint`` if given, else the huggingface_hub cache or a download. Every checkpoint key must match the model (missing/unexpected keys raise).
     ``dtype``: fp32 (default on CPU: exact), bf16 (default on CUDA), fp16.
     """
-    path_like = Path(name).expanduser()
-    if checkpoint is None and (path_like.is_file() or path_like.suffix in (".pt", ".pth", ".bin", ".safetensors")):
+    path_like = None if isinstance(name, ModelSpec) else Path(name).expanduser()
+    if path_like is None:
+        spec = name
+        weights = resolve_weights(spec, checkpoint)
+        state = read_state_dict(weights)
+    elif checkpoint is None and (path_like.is_file() or path_like.suffix in (".pt", ".pth", ".bin", ".safetensors")):
         weights = str(resolve_weights_path(path_like))
         state = read_state_dict(weights)
         spec = detect_spec(path_like, state)
@@ -90,7 +95,7 @@ def load(name: str | os.PathLike, checkpoint: str | os.PathLike | None = None, d
             spec = replace(embedded, name=spec.name, sources=spec.sources)
     arch = get_architecture(spec.architecture)
     model = arch.build(spec)
-    load_strict(model, state, weights, ignore=arch.ignored_keys)
+    load_strict(model, arch.convert(state, spec), weights, ignore=arch.ignored_keys)
     device = resolve_device(device)
     model.eval().requires_grad_(False).to(device)
     return Scorer(spec, model, arch.tokenizer(spec), device, resolve_dtype(dtype, device), checkpoint=weights)

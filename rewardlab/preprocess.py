@@ -26,8 +26,11 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (size, new_long) if width <= height else (new_long, size)
 
 
-def crop_box(width: int, height: int, size: int) -> tuple[int, int]:
-    """(left, top) of a centred ``size`` x ``size`` crop (rounded half to even, as torchvision)."""
+def crop_box(width: int, height: int, size: int, rounding: str = "round") -> tuple[int, int]:
+    """(left, top) of a centred ``size`` x ``size`` crop: rounded half to even (torchvision) or floored
+    (transformers' image processors)."""
+    if rounding == "floor":
+        return (width - size) // 2, (height - size) // 2
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
@@ -38,9 +41,17 @@ def pil_to_array(image: Image.Image, spec: Preprocess) -> np.ndarray:
         image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[spec.resize])
     if new_w < spec.size or new_h < spec.size:
         raise ValueError(f"image of size {image.size} is smaller than the crop {spec.size}")
-    left, top = crop_box(new_w, new_h, spec.size)
+    left, top = crop_box(new_w, new_h, spec.size, spec.crop)
     image = image.crop((left, top, left + spec.size, top + spec.size))
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def image_to_unit_tensor(image: Image.Image, spec: Preprocess) -> torch.Tensor:
+    """Resized, cropped (3, S, S) float tensor in [0, 1] by the spec's back end (not yet normalised)."""
+    if spec.backend == "tensor":
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _resize_crop(pixels[None].float() / 255.0, spec)[0]
+    return torch.from_numpy(pil_to_array(image, spec)).permute(2, 0, 1).float() / 255.0
 
 
 def normalize(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
@@ -56,6 +67,11 @@ def arrays_to_tensor(arrays: list[np.ndarray], spec: Preprocess, device: torch.d
     return normalize(batch.permute(0, 3, 1, 2).float().div(255.0), spec)
 
 
+def unit_tensors_to_batch(tensors: list[torch.Tensor], spec: Preprocess, device: torch.device) -> torch.Tensor:
+    """Stack (3, S, S) [0, 1] tensors into a normalised (B, 3, S, S) batch on ``device``."""
+    return normalize(torch.stack(tensors).to(device, non_blocking=True), spec)
+
+
 def tensor_preprocess(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     """Differentiable preprocessing of (B, 3, H, W) [0, 1] tensors: antialiased resize, crop, normalise."""
     if pixels01.ndim == 3:
@@ -64,12 +80,14 @@ def tensor_preprocess(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
         raise ValueError(f"expected pixels of shape (B, 3, H, W) in [0, 1], got {tuple(pixels01.shape)}")
     if not pixels01.is_floating_point():
         raise TypeError(f"expected a float tensor in [0, 1], got {pixels01.dtype}")
-    height, width = pixels01.shape[-2:]
+    return normalize(_resize_crop(pixels01, spec), spec)
+
+
+def _resize_crop(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    height, width = x.shape[-2:]
     new_w, new_h = resized_size(width, height, spec.size)
-    x = pixels01
     if (new_w, new_h) != (width, height):
         x = F.interpolate(x, size=(new_h, new_w), mode=spec.resize, antialias=spec.resize != "nearest",
                           align_corners=False if spec.resize != "nearest" else None)
-    left, top = crop_box(new_w, new_h, spec.size)
-    x = x[..., top : top + spec.size, left : left + spec.size]
-    return normalize(x, spec)
+    left, top = crop_box(new_w, new_h, spec.size, spec.crop)
+    return x[..., top : top + spec.size, left : left + spec.size]

@@ -20,12 +20,19 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image preprocessing: resize the shorter side, centre crop, normalise."""
+    """Image preprocessing: resize the shorter side, centre crop, normalise.
+
+    ``backend``: ``pil`` resizes the 8-bit image with PIL (torchvision-on-PIL, transformers' image
+    processors); ``tensor`` converts to a float tensor first and resizes it antialiased (open_clip's
+    eval transform). ``crop``: offsets rounded half-to-even (``round``, torchvision) or floored (``floor``,
+    transformers)."""
 
     size: int = 224
     resize: str = "bicubic"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    backend: str = "pil"
+    crop: str = "round"
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,8 @@ class ModelSpec:
         return {
             "name": self.name,
             "architecture": self.architecture,
-            "weights": f"{src.location}/{src.filename}" if src else "-",
-            "preprocess": f"{self.preprocess.size}px {self.preprocess.resize}",
+            "weights": (src.location if src.kind == "url" else f"{src.location}/{src.filename}") if src else "-",
+            "preprocess": f"{self.preprocess.size}px {self.preprocess.resize} ({self.preprocess.backend})",
             "mean/std": "CLIP" if self.preprocess.mean == CLIP_MEAN else str(self.preprocess.mean),
             "max_tokens": str(self.max_tokens),
             "prompt": "yes" if self.uses_prompt else "ignored",
@@ -128,3 +135,53 @@ for _variant, _what in (
             options={"head": "gelu", "mean": 0.0, "std": 1.0},
         )
     )
+
+# -- the models reward models are compared with ---------------------------------------------------
+# CLIP architectures (transformers CLIPConfig fields); kept here so the registry stays plain data.
+_VIT_L_14 = {"vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                        "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu"},
+             "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                      "hidden_act": "quick_gelu"},
+             "projection_dim": 768}
+_VIT_H_14 = {"vision": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                        "patch_size": 14, "image_size": 224, "hidden_act": "gelu"},
+             "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "hidden_act": "gelu"},
+             "projection_dim": 1024}
+_OPENAI_L14 = WeightSource("hf", "openai/clip-vit-large-patch14", "model.safetensors")
+
+register(ModelSpec(
+    name="clipscore-vit-l-14", architecture="clip", sources=(_OPENAI_L14,), max_tokens=77,
+    normalization="cos(image, text) (ImageReward's CLIP baseline)", licence="MIT",
+    description="OpenAI CLIP ViT-L/14 cosine similarity.", options={"clip": _VIT_L_14, "output": "cosine"}))
+register(ModelSpec(
+    name="clipscore-vit-l-14-w2.5", architecture="clip", sources=(_OPENAI_L14,), max_tokens=77,
+    normalization="2.5 * max(cos, 0) (CLIPScore, Hessel et al. 2021)", licence="MIT",
+    description="Standard CLIPScore on OpenAI CLIP ViT-L/14.", options={"clip": _VIT_L_14, "output": "clipscore", "w": 2.5}))
+register(ModelSpec(
+    name="blipscore", architecture="blip-score",
+    sources=(WeightSource("url", "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth",
+                          "model_large.pth"),),
+    max_tokens=35, normalization="cos(vision_proj(image CLS), text_proj(text CLS))", licence="BSD-3-Clause",
+    description="BLIP-L image-text contrastive similarity (ImageReward's BLIP baseline).", options={"head": "itc"}))
+register(ModelSpec(
+    name="aesthetic-laion-v2", architecture="clip",
+    sources=(WeightSource("url", "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                          "sac%2Blogos%2Bava1-l14-linearMSE.pth", "sac+logos+ava1-l14-linearMSE.pth"),),
+    max_tokens=77, uses_prompt=False, normalization="MLP(L2-normalised CLIP image embedding); the prompt is ignored",
+    licence="Apache-2.0 (predictor), MIT (CLIP)",
+    description="LAION improved aesthetic predictor v2 on OpenAI CLIP ViT-L/14 image features.",
+    options={"clip": _VIT_L_14, "output": "aesthetic",
+             "backbone": {"kind": "hf", "location": "openai/clip-vit-large-patch14", "filename": "model.safetensors"}}))
+register(ModelSpec(
+    name="hpsv2.1", architecture="clip", sources=(WeightSource("hf", "xswu/HPSv2", "HPS_v2.1_compressed.pt"),),
+    preprocess=Preprocess(backend="tensor"),
+    max_tokens=77, normalization="cos(image, text) (HPS v2 score)", licence="Apache-2.0",
+    description="Human Preference Score v2.1: open_clip ViT-H-14 fine-tuned on HPD v2 (keys converted).",
+    options={"clip": _VIT_H_14, "output": "cosine"}))
+register(ModelSpec(
+    name="pickscore-v1", architecture="clip", sources=(WeightSource("hf", "yuvalkirstain/PickScore_v1", "model.safetensors"),),
+    preprocess=Preprocess(crop="floor"),
+    max_tokens=77, normalization="exp(logit_scale) * cos(image, text)", licence="MIT",
+    description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
+    options={"clip": _VIT_H_14, "output": "logit"}))

@@ -10,12 +10,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from .images import ImageInput, ImageLoadError, describe, open_image
-from .preprocess import arrays_to_tensor, pil_to_array, tensor_preprocess
+from .preprocess import image_to_unit_tensor, tensor_preprocess, unit_tensors_to_batch
 from .registry import ModelSpec
 
 DTYPES = {
@@ -147,16 +146,16 @@ class Scorer:
         pixels = tensor_preprocess(pixels01.to(self.device), self.spec.preprocess)
         return self._forward(pixels, prompts)
 
-    def _load_one(self, image: ImageInput, index: int) -> np.ndarray | ImageLoadError:
+    def _load_one(self, image: ImageInput, index: int) -> torch.Tensor | ImageLoadError:
         try:
-            return pil_to_array(open_image(image, index), self.spec.preprocess)
+            return image_to_unit_tensor(open_image(image, index), self.spec.preprocess)
         except ImageLoadError as exc:
             return exc
         except Exception as exc:  # decoder bugs, truncated data found at resize time, ...
             return ImageLoadError(describe(image, index), f"{type(exc).__name__}: {exc}")
 
     def _decoded_batches(self, images: Sequence[ImageInput], batch_size: int, workers: int
-                         ) -> Iterator[tuple[int, list[np.ndarray | ImageLoadError]]]:
+                         ) -> Iterator[tuple[int, list[torch.Tensor | ImageLoadError]]]:
         """Yield (start, decoded items) per batch; the next batch decodes while the current one runs."""
         starts = range(0, len(images), batch_size)
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -187,7 +186,7 @@ class Scorer:
                 if isinstance(item, ImageLoadError):
                     errors[start + i] = str(item)
             if good:
-                pixels = arrays_to_tensor([items[i] for i in good], self.spec.preprocess, self.device)
+                pixels = unit_tensors_to_batch([items[i] for i in good], self.spec.preprocess, self.device)
                 batch_prompts = prompts if isinstance(prompts, str) else [prompts[start + i] for i in good]
                 values = self._forward(pixels, batch_prompts).cpu().tolist()
                 for i, value in zip(good, values, strict=True):

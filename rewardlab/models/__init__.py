@@ -8,20 +8,27 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..registry import ModelSpec
-from . import blip_reward
+from . import blip_reward, blip_score, clip
+
+
+def _same(state: dict, spec: ModelSpec) -> dict:
+    return state
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build one family of models: module, tokenizer, and checkpoint keys to ignore."""
+    """How to build one family of models: module, tokenizer, checkpoint conversion, keys to ignore."""
 
     build: Callable[[ModelSpec], nn.Module]
     tokenizer: Callable[[ModelSpec], object]
     ignored_keys: tuple[str, ...] = ()
+    convert: Callable[[dict, ModelSpec], dict] = _same  # a released checkpoint's layout -> the module's keys
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "blip-reward": Architecture(blip_reward.build, blip_reward.tokenizer, blip_reward.IGNORED_KEYS),
+    "blip-score": Architecture(blip_score.build, blip_reward.tokenizer, blip_reward.IGNORED_KEYS, blip_score.convert_state),
+    "clip": Architecture(clip.build, clip.tokenizer, ("position_ids",), clip.convert_state),
 }
 
 

@@ -25,11 +25,13 @@ def bert_tokenizer(max_tokens: int) -> Tokenizer:
 class TextTokenizer:
     """Turns prompts into ``input_ids``/``attention_mask`` tensors padded to the longest in the batch."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, clean=None):
         self._tok = tokenizer
+        self._clean = clean
 
     def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        encodings = self._tok.encode_batch(list(prompts))
+        prompts = [self._clean(p) for p in prompts] if self._clean else list(prompts)
+        encodings = self._tok.encode_batch(prompts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long, device=device)
         return {"input_ids": ids, "attention_mask": mask}

@@ -7,11 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, read_state_dict
-
-# Parts of BLIP's pretraining checkpoint that a reward model has no counterpart for.
-BLIP_DROPPED_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "text_decoder.",
-                         "itm_head.")
-BLIP_DROPPED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp")
+from ..models.blip_score import drop_pretraining_keys
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -28,13 +24,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
 def blip_pretrained_state(path: str) -> dict[str, torch.Tensor]:
     """A BLIP ``model_large.pth``-style state dict with the pretraining-only parts dropped, keyed like
     ``BlipReward.blip``'s children (``blip.visual_encoder.*`` ...)."""
-    state = read_state_dict(path)
-    kept = {}
-    for key, value in state.items():
-        if key.startswith(BLIP_DROPPED_PREFIXES) or key in BLIP_DROPPED_KEYS:
-            continue
-        kept[f"blip.{key}"] = value
-    return kept
+    return {f"blip.{k}": v for k, v in drop_pretraining_keys(read_state_dict(path)).items()}
 
 
 def load_initial_weights(model: nn.Module, init: str | None) -> str:

@@ -15,7 +15,7 @@ from ..api import save_checkpoint, spec_from_json, spec_to_json
 from ..eval.metrics import PairwiseAccuracy
 from ..images import open_image
 from ..models import get_architecture
-from ..preprocess import arrays_to_tensor, pil_to_array
+from ..preprocess import image_to_unit_tensor, unit_tensors_to_batch
 from ..registry import ModelSpec, get_spec
 from .data import Pair, load_training_pairs, split_by_group
 from .freeze import freeze_backbone, freeze_ratio, trainable_summary
@@ -111,9 +111,9 @@ class PairForward:
                 keys[key] = len(images)
                 images.append(image)
             index.append(keys[key])
-        arrays = list(self.pool.map(lambda item: pil_to_array(open_image(item[1], item[0]), self.spec.preprocess),
-                                    enumerate(images)))
-        pixels = arrays_to_tensor(arrays, self.spec.preprocess, device)
+        tensors = list(self.pool.map(lambda item: image_to_unit_tensor(open_image(item[1], item[0]), self.spec.preprocess),
+                                     enumerate(images)))
+        pixels = unit_tensors_to_batch(tensors, self.spec.preprocess, device)
         prompts = [p.preferred_prompt for p in pairs] + [p.rejected_prompt for p in pairs]
         text = self.tokenizer(prompts, device)
         rewards = model(pixels, text, torch.tensor(index, device=device))

@@ -1,0 +1,196 @@
+"""CLIP-family reward models on transformers' ``CLIPModel``: CLIPScore, PickScore, HPSv2.1, LAION aesthetic.
+
+One CLIP module serves them all. OpenAI/open_clip checkpoints (``visual.conv1.weight`` ...) are mapped to
+transformers' names by :func:`convert_openai_state`; transformers checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import gzip
+from functools import cache
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import ModelSpec
+
+AESTHETIC_HEAD = (1024, 128, 64, 16, 1)
+
+
+def clip_config(options: dict):
+    from transformers import CLIPConfig
+
+    arch = options["clip"]
+    text = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 49407, "layer_norm_eps": 1e-5, **arch["text"]}
+    vision = {"layer_norm_eps": 1e-5, **arch["vision"]}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=arch["projection_dim"])
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class CLIPReward(nn.Module):
+    """Image-text similarity of a CLIP model, or an aesthetic MLP on its normalised image embedding.
+
+    ``output``: ``cosine``; ``clipscore`` (w·max(cos, 0)); ``logit`` (exp(logit_scale)·cos);
+    ``aesthetic`` (MLP(normalised image embedding), prompt ignored).
+    """
+
+    def __init__(self, options: dict):
+        super().__init__()
+        from transformers import CLIPModel
+
+        self.output = options["output"]
+        self.weight = float(options.get("w", 1.0))
+        self.clip = CLIPModel(clip_config(options))
+        if self.output == "aesthetic":
+            dims = (options["clip"]["projection_dim"], *AESTHETIC_HEAD)
+            layers: list[nn.Module] = []
+            for i in range(len(AESTHETIC_HEAD)):
+                layers.append(nn.Linear(dims[i], dims[i + 1]))
+                if i < 3:
+                    layers.append(nn.Dropout((0.2, 0.2, 0.1)[i]))
+            self.mlp = nn.Module()
+            self.mlp.layers = nn.Sequential(*layers)  # keys layers.{0,2,4,6,7}, as the LAION predictor
+
+    def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
+        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+
+    def text_embeddings(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = text["input_ids"], text["attention_mask"]
+        if ids.shape[0] > 1 and ids.stride(0) == 0:  # one prompt expanded over the batch: encode it once
+            return self.text_embeddings({"input_ids": ids[:1], "attention_mask": mask[:1]}).expand(ids.shape[0], -1)
+        pooled = self.clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        return F.normalize(self.clip.text_projection(pooled), dim=-1)
+
+    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        image = self.image_embeddings(pixels)
+        if self.output == "aesthetic":
+            with torch.autocast(device_type=image.device.type, enabled=False):
+                return self.mlp.layers(image.float()).squeeze(-1)
+        cosine = (image.float() * self.text_embeddings(text).float()).sum(-1)
+        if self.output == "cosine":
+            return cosine
+        if self.output == "clipscore":
+            return self.weight * cosine.clamp(min=0)
+        if self.output == "logit":
+            return self.clip.logit_scale.exp().float() * cosine
+        raise ValueError(f"unknown CLIP output {self.output!r}")
+
+
+def build(spec: ModelSpec) -> CLIPReward:
+    return CLIPReward(spec.options)
+
+
+# -- checkpoint conversion --------------------------------------------------------------------------
+
+def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") -> dict[str, torch.Tensor]:
+    """OpenAI CLIP / open_clip state dict -> transformers ``CLIPModel`` names (fused qkv split, projections
+    transposed). Keys already in transformers' layout pass through with ``prefix`` added."""
+    if "visual.conv1.weight" not in state:
+        return {(k if k.startswith(prefix) or k.startswith("mlp.") else prefix + k): v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def tower(src: str, dst: str) -> None:
+        blocks = f"{src}transformer.resblocks."
+        layer_ids = sorted({int(k[len(blocks):].split(".")[0]) for k in state if k.startswith(blocks)})
+        for i in layer_ids:
+            s, d = f"{src}transformer.resblocks.{i}.", f"{prefix}{dst}.encoder.layers.{i}."
+            q, k, v = state[s + "attn.in_proj_weight"].chunk(3)
+            qb, kb, vb = state[s + "attn.in_proj_bias"].chunk(3)
+            out.update({d + "self_attn.q_proj.weight": q, d + "self_attn.k_proj.weight": k, d + "self_attn.v_proj.weight": v,
+                        d + "self_attn.q_proj.bias": qb, d + "self_attn.k_proj.bias": kb, d + "self_attn.v_proj.bias": vb,
+                        d + "self_attn.out_proj.weight": state[s + "attn.out_proj.weight"],
+                        d + "self_attn.out_proj.bias": state[s + "attn.out_proj.bias"],
+                        d + "layer_norm1.weight": state[s + "ln_1.weight"], d + "layer_norm1.bias": state[s + "ln_1.bias"],
+                        d + "layer_norm2.weight": state[s + "ln_2.weight"], d + "layer_norm2.bias": state[s + "ln_2.bias"],
+                        d + "mlp.fc1.weight": state[s + "mlp.c_fc.weight"], d + "mlp.fc1.bias": state[s + "mlp.c_fc.bias"],
+                        d + "mlp.fc2.weight": state[s + "mlp.c_proj.weight"], d + "mlp.fc2.bias": state[s + "mlp.c_proj.bias"]})
+
+    tower("visual.", "vision_model")
+    tower("", "text_model")
+    v, t = f"{prefix}vision_model.", f"{prefix}text_model."
+    out.update({
+        v + "embeddings.class_embedding": state["visual.class_embedding"],
+        v + "embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+        v + "embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        v + "pre_layrnorm.weight": state["visual.ln_pre.weight"], v + "pre_layrnorm.bias": state["visual.ln_pre.bias"],
+        v + "post_layernorm.weight": state["visual.ln_post.weight"], v + "post_layernorm.bias": state["visual.ln_post.bias"],
+        f"{prefix}visual_projection.weight": state["visual.proj"].t().contiguous(),
+        t + "embeddings.token_embedding.weight": state["token_embedding.weight"],
+        t + "embeddings.position_embedding.weight": state["positional_embedding"],
+        t + "final_layer_norm.weight": state["ln_final.weight"], t + "final_layer_norm.bias": state["ln_final.bias"],
+        f"{prefix}text_projection.weight": state["text_projection"].t().contiguous(),
+        f"{prefix}logit_scale": state["logit_scale"],
+    })
+    out.update({k: v for k, v in state.items() if k.startswith("mlp.")})
+    return out
+
+
+def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Any accepted layout -> this module's keys. The aesthetic predictor's file holds only the MLP
+    (``layers.*``); its CLIP backbone weights come from ``spec.options["backbone"]``."""
+    if spec.options["output"] == "aesthetic" and all(k.startswith("layers.") for k in state):
+        from ..checkpoint import read_state_dict
+        from ..hub import resolve_weights
+        from ..registry import WeightSource
+
+        backbone = spec.options["backbone"]
+        source = WeightSource(backbone["kind"], backbone["location"], backbone["filename"])
+        clip_state = read_state_dict(resolve_weights(ModelSpec(f"{spec.name} backbone", "clip", (source,))))
+        return {**convert_openai_state(clip_state), **{f"mlp.{k}": v for k, v in state.items()}}
+    return convert_openai_state(state)
+
+
+# -- tokenizer --------------------------------------------------------------------------------------
+
+def _byte_chars() -> list[str]:
+    """CLIP's byte-level alphabet in vocabulary order: printable bytes as themselves, then the other
+    bytes mapped to code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+@cache
+def clip_bpe_tokenizer(max_tokens: int = 77):
+    """CLIP's byte-level BPE (49,408 tokens) built in memory from the vocabulary file shipped in the package."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    path = resources.files("rewardlab.models") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(str(path), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>", fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 49406), ("<|endoftext|>", 49407)])
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    tok.enable_truncation(max_length=max_tokens)
+    tok.enable_padding(pad_id=49407, pad_token="<|endoftext|>")
+    return tok
+
+
+def unescape_html(text: str) -> str:
+    """OpenAI CLIP's prompt cleaning: HTML entities are decoded (twice, for doubly escaped text)."""
+    import html
+
+    return html.unescape(html.unescape(text)).strip()
+
+
+def tokenizer(spec: ModelSpec):
+    from .tokenizer import TextTokenizer
+
+    return TextTokenizer(clip_bpe_tokenizer(spec.max_tokens), clean=unescape_html)

@@ -1,0 +1,124 @@
+"""Reference scores of the comparison models from their own code (run with the .official-venv python).
+
+Builds, with seeded random weights: OpenAI CLIP (the `clip` package) for ImageReward's CLIPScore and
+AestheticScore baselines, ImageReward's BLIPScore, and an open_clip model from the `hpsv2` wheel's
+bundled code (HPS v2 scoring). Saves each state dict in its own released layout and writes the scores.
+
+    python tests/official_baselines.py --model clip|aesthetic|blip|hps --out-dir DIR --prompt P IMAGES...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from official_ref import MED_CONFIG, _patch_tokenizer, randomize  # noqa: E402
+
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32,
+                                                  "patch_size": 14},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+
+
+def openai_clip_l14(seed: int):
+    import clip.model
+
+    model = clip.model.CLIP(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                            context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12,
+                            transformer_layers=12).float().eval()
+    randomize(model, seed)
+    with torch.no_grad():
+        model.logit_scale.fill_(4.6052)
+    return model
+
+
+def baseline(cls, **attributes):
+    """An ImageReward baseline object without its __init__ (which downloads weights)."""
+    obj = cls.__new__(cls)
+    torch.nn.Module.__init__(obj)
+    for key, value in attributes.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def open_clip_module():
+    root = os.path.dirname(importlib.util.find_spec("hpsv2").origin)
+    package = types.ModuleType("hpsv2")
+    package.__path__ = [root]
+    sys.modules["hpsv2"] = package  # skip hpsv2/__init__, which needs packages the scoring code does not
+    from hpsv2.src import open_clip
+
+    return open_clip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["clip", "aesthetic", "blip", "hps"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("images", nargs="+")
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    with torch.no_grad():
+        if args.model in ("clip", "aesthetic"):
+            import clip
+            from ImageReward.models.AestheticScore import MLP, AestheticScore
+            from ImageReward.models.CLIPScore import CLIPScore
+
+            model = openai_clip_l14(args.seed)
+            torch.save(model.state_dict(), out / "clip.pt")
+            preprocess = clip.clip._transform(224)
+            if args.model == "clip":
+                scorer = baseline(CLIPScore, device="cpu", clip_model=model, preprocess=preprocess)
+            else:
+                mlp = MLP(768).eval()
+                randomize(mlp, args.seed + 1)
+                torch.save(mlp.state_dict(), out / "aesthetic.pth")
+                scorer = baseline(AestheticScore, device="cpu", clip_model=model, preprocess=preprocess, mlp=mlp)
+            result["scores"] = [scorer.score(args.prompt, path) for path in args.images]
+        elif args.model == "blip":
+            _patch_tokenizer()
+            from ImageReward.models.BLIPScore import BLIPScore
+
+            scorer = BLIPScore(med_config=str(MED_CONFIG), device="cpu").eval()
+            randomize(scorer.blip, args.seed)
+            state = dict(scorer.blip.state_dict())
+            state.update({"visual_encoder_m.cls_token": torch.zeros(1, 1, 1024), "text_decoder.cls.predictions.bias":
+                          torch.zeros(30524), "image_queue": torch.zeros(256, 8), "temp": torch.tensor(0.07),
+                          "itm_head.weight": torch.zeros(2, 768)})  # what model_large.pth also holds
+            torch.save({"model": state}, out / "model_large.pth")
+            result["scores"] = [scorer.score(args.prompt, path) for path in args.images]
+        else:
+            open_clip = open_clip_module()
+            from hpsv2.src.open_clip import factory
+            from hpsv2.src.open_clip.transform import image_transform
+
+            factory._MODEL_CONFIGS["tiny-H"] = TINY_OPEN_CLIP
+            model = open_clip.create_model("tiny-H", pretrained=None).eval()
+            randomize(model, args.seed)
+            torch.save({"state_dict": model.state_dict()}, out / "hps.pt")
+            preprocess = image_transform(224, is_train=False)
+            tokenizer = open_clip.get_tokenizer("ViT-H-14")
+            text = tokenizer([args.prompt])
+            scores = []
+            for path in args.images:
+                image_features, text_features = model(preprocess(Image.open(path)).unsqueeze(0), text)[:2]  # normalised
+                scores.append(float(torch.diagonal(image_features @ text_features.T)[0]))
+            result["scores"] = scores
+    (out / f"{args.model}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
