@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--official-python", default=str(REPO / ".official-venv" / "bin" / "python"))
-    parser.add_argument("--models", nargs="*", default=[], help="extra registry models to time (random weights)")
+    parser.add_argument("--models", nargs="*", default=[],
+                        help="extra registry models to time with random weights ('all' = every registered model)")
     args = parser.parse_args()
 
     import torch
@@ -105,7 +106,11 @@ def main() -> None:
             print(f"{label:<28}{ips:>8.2f}{1 / ips:>8.3f}{ips / official_ips:>12.2f}x{deviation:>10.1e}  "
                   f"{'identical' if same_order else 'DIFFERENT'}")
         if args.models:
-            extra_model_rows(args.models, images, args.batch_size, args.repeats, folder)
+            from rewardlab import list_models
+
+            names = list_models() if args.models == ["all"] else args.models
+            print(f"\nper model, rewardlab, random weights, batch {args.batch_size}:")
+            extra_model_rows(names, images, args.batch_size, args.repeats, folder)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ fi
 .venv/bin/pip install -q -e ".[test]"
 if [ -z "${SKIP_OFFICIAL:-}" ] && [ -f ../shared/tools/official-env.sh ]; then
   bash ../shared/tools/official-env.sh .official-venv >/dev/null
+  # HPS v2 reference: the hpsv2 wheel's bundled open_clip. The wheel lacks its BPE vocabulary file,
+  # which is the same file openai-clip ships.
+  .official-venv/bin/pip install -q --no-deps hpsv2==1.2.0
+  SP=$(.official-venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+  cp -n "$SP/clip/bpe_simple_vocab_16e6.txt.gz" "$SP/hpsv2/src/open_clip/" 2>/dev/null || true
 fi
 # Headless Chromium renders the evaluation report in one test (skipped when absent).
 if [ -n "${CI:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
