@@ -67,6 +67,21 @@ def build(prompts: int, seeds: int, seed: int, captioner_error: float = 0.0):
     return world
 
 
+def truth_pairs(world) -> list:
+    """Ground-truth pairs: every two candidates of a prompt where one has more attributes right."""
+    from rewardlab.train import Pair
+
+    pairs = []
+    for input_id, prompt, candidates in world:
+        for i in range(len(candidates)):
+            for j in range(i + 1, len(candidates)):
+                a, b = candidates[i], candidates[j]
+                if a[3] != b[3]:
+                    good, bad = (a, b) if a[3] > b[3] else (b, a)
+                    pairs.append(Pair(input_id, prompt, good[2], prompt, bad[2]))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=300)
@@ -83,7 +98,7 @@ def main() -> None:
 
     sbert = SbertSimilarity()
     world = build(args.prompts, args.seeds, seed=1, captioner_error=args.captioner_error)
-    cycle_pairs, truth_pairs, agree, judged = [], [], 0, 0
+    cycle_pairs, agree, judged = [], 0, 0
     stats = PairStats()
     for input_id, prompt, candidates in world:
         scores = sbert([prompt] * len(candidates), [c[4] for c in candidates])
@@ -95,22 +110,8 @@ def main() -> None:
             if g[3] != b[3]:
                 judged += 1
                 agree += g[3] > b[3]
-        for i in range(len(candidates)):
-            for j in range(i + 1, len(candidates)):
-                a, b = candidates[i], candidates[j]
-                if a[3] != b[3]:
-                    good, bad = (a, b) if a[3] > b[3] else (b, a)
-                    truth_pairs.append(Pair(input_id, prompt, good[2], prompt, bad[2]))
-
-    test_world = build(100, args.seeds, seed=2)
-    test_pairs = []
-    for input_id, prompt, candidates in test_world:
-        for i in range(len(candidates)):
-            for j in range(i + 1, len(candidates)):
-                a, b = candidates[i], candidates[j]
-                if a[3] != b[3]:
-                    good, bad = (a, b) if a[3] > b[3] else (b, a)
-                    test_pairs.append(Pair(input_id, prompt, good[2], prompt, bad[2]))
+    train_truth = truth_pairs(world)
+    test_pairs = truth_pairs(build(100, args.seeds, seed=2))
 
     print(f"{args.prompts} prompts x {len(ERROR_RATES)} generators x {args.seeds} seeds = {stats.candidates} candidates; "
           f"generator error rates {ERROR_RATES}, captioner error {args.captioner_error}")
@@ -119,9 +120,9 @@ def main() -> None:
           f"where the truth has a preference ({stats.kept - judged} cycle pairs are between equally correct images)")
 
     rng = random.Random(0)
-    budget = min(len(cycle_pairs), len(truth_pairs))
+    budget = min(len(cycle_pairs), len(train_truth))
     results = {}
-    for label, pairs in (("cycle pairs", cycle_pairs), ("ground-truth pairs", truth_pairs)):
+    for label, pairs in (("cycle pairs", cycle_pairs), ("ground-truth pairs", train_truth)):
         subset = rng.sample(pairs, budget)
         with tempfile.TemporaryDirectory() as tmp:
             config = TrainConfig(spec_json=spec_to_json(tiny_blip_spec("gelu")), output_dir=tmp, freeze_ratio=0.0,

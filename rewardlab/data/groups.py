@@ -110,7 +110,8 @@ def load_imagereward(path: str | Path, image_root: str | Path | None = None) -> 
     return groups
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a Parquet or JSONL file as dicts; a bad JSON line is an error naming the file and line."""
     if path.suffix == ".parquet":
         import pandas as pd
 
@@ -136,7 +137,7 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None) -> list[G
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     groups = []
-    for n, row in enumerate(_read_rows(path)):
+    for n, row in enumerate(read_rows(path)):
         where = f"{path} row {n}"
         _require(row, ("prompt", "image_a", "image_b", "label"), where)
         label = row["label"]
@@ -153,7 +154,7 @@ def load_rankings(path: str | Path, image_root: str | Path | None = None) -> lis
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     groups = []
-    for n, row in enumerate(_read_rows(path)):
+    for n, row in enumerate(read_rows(path)):
         where = f"{path} row {n}"
         _require(row, ("prompt", "images", "ranking"), where)
         images = list(row["images"])

@@ -6,13 +6,12 @@ image-to-text pairs share the image (two captions). Rankings become all their no
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.groups import DataError, Group, load_imagereward, load_rankings, ranked_pairs
+from ..data.groups import DataError, Group, load_imagereward, load_rankings, ranked_pairs, read_rows
 
 
 @dataclass(frozen=True)
@@ -55,20 +54,8 @@ def load_pair_file(path: str | Path, image_root: str | Path | None = None) -> li
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        rows = pd.read_parquet(path).to_dict("records")
-    else:
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {number}: not valid JSON ({exc})") from None
     pairs = []
-    for n, row in enumerate(rows):
+    for n, row in enumerate(read_rows(path)):
         group = str(row.get("input_id", n))
         tie = bool(row.get("tie", False))
         if {"prompt", "preferred_image", "rejected_image"} <= row.keys():
