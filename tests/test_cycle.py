@@ -202,3 +202,22 @@ def test_i2t2i_prefers_the_caption_that_reconstructs_best_and_cli_pairs(tmp_path
         assert sum(r["preferred_text"] == correct for r in by_input[input_id]) == 2
     pairs = load_pair_file(tmp_path / "pairs" / f"{rows[0]['split']}.jsonl")
     assert pairs[0].preferred_image == pairs[0].rejected_image and Image.open(pairs[0].preferred_image).size == (16, 16)
+
+
+def test_shards_together_equal_one_run(tmp_path):
+    inputs = [CycleInput(f"p{i}", f"a {c} picture") for i, c in enumerate(["red", "green", "blue", "white", "black"])]
+    sim = lambda refs, cands: [float(len(set(r.split()) & set(c.split()))) / 3 for r, c in zip(refs, cands, strict=True)]  # noqa: E731
+    sim.name = "word-overlap"
+    whole = run_t2i2t(inputs, [PaintGenerator("a"), PaintGenerator("b")], PixelCaptioner(), sim, [0, 1], tmp_path / "one")
+    for index in range(2):
+        run_t2i2t(inputs, [PaintGenerator("a"), PaintGenerator("b")], PixelCaptioner(), sim, [0, 1], tmp_path / "sharded",
+                  shard=(index, 2))
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("manifest*.jsonl"))
+    assert shards == ["manifest-0-of-2.jsonl", "manifest-1-of-2.jsonl"]
+    assert len(Manifest(tmp_path / "sharded" / shards[0]).rows) == 3 * 4 and len(Manifest(tmp_path / "sharded" / shards[1]).rows) == 2 * 4
+    export_pairs(tmp_path / "one", tmp_path / "one" / "pairs", PairRules(True, 0.005, None))
+    export_pairs(tmp_path / "sharded", tmp_path / "sharded" / "pairs", PairRules(True, 0.005, None))
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / "one" / "pairs" / f"{split}.jsonl").read_text() == \
+            (tmp_path / "sharded" / "pairs" / f"{split}.jsonl").read_text()
+    assert len(whole.rows) == 20

@@ -103,3 +103,33 @@ def test_report_renders_in_headless_chromium(dataset, tiny_checkpoint, tmp_path)
     blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 120)  # histogram bars are #4a7bd0
     assert blue.sum() > 500, "histogram bars not drawn"
     assert pixels.std() > 20
+
+
+def test_generator_ranking_against_human_order(tmp_path, tiny_checkpoint, tiny_scorer):
+    from scipy.stats import kendalltau, spearmanr
+
+    prompts = [{"id": i, "prompt": p} for i, p in enumerate(["a red circle", "a blue square", "a green circle"])]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    rng = np.random.RandomState(0)
+    means = {}
+    for gen in ("genA", "genB", "genC"):
+        (tmp_path / "out" / gen).mkdir(parents=True)
+        paths = []
+        for item in prompts:
+            path = tmp_path / "out" / gen / f"{item['id']}.png"
+            Image.fromarray((rng.rand(40, 40, 3) * 255).astype(np.uint8)).save(path)
+            paths.append(str(path))
+        means[gen] = float(np.mean(tiny_scorer.score([p["prompt"] for p in prompts], paths)))
+    human = {"genA": 1, "genB": 2, "genC": 3}
+    (tmp_path / "human.json").write_text(json.dumps(human))
+    out = tmp_path / "g.json"
+    result = _run("--model", tiny_checkpoint, "--data", f"generators:{tmp_path / 'out'}", "--prompts",
+                  tmp_path / "prompts.json", "--human-ranking", tmp_path / "human.json", "--json", out, "--no-cache")
+    assert result.exit_code == 0, result.output
+    info = json.loads(out.read_text())["results"][0]["generators"]
+    assert info["order"] == sorted(means, key=lambda g: -means[g])
+    assert info["mean_reward"] == pytest.approx(means, abs=1e-6)
+    rewards, ranks = [means[g] for g in human], [-human[g] for g in human]
+    assert info["spearman"] == pytest.approx(spearmanr(rewards, ranks).statistic)
+    assert info["kendall"] == pytest.approx(kendalltau(rewards, ranks).statistic)
+    assert "generators best first" in result.output

@@ -188,3 +188,29 @@ def test_blip_pretrained_init_drops_only_listed_keys(tmp_path):
     torch.save({"model": {**blip_state, "surprise.weight": torch.zeros(1)}}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="unexpected.*surprise.weight"):
         load_initial_weights(get_architecture("blip-reward").build(spec), str(tmp_path / "odd.pth"))
+
+
+def test_early_stopping_after_patience(tmp_path):
+    train, valid = make_pairs(64, seed=5), make_pairs(16, seed=6)
+    trainer = Trainer(_config(tmp_path, lr=0.0, batch_size=8, max_steps=10, eval_every=1, early_stopping_patience=2,
+                              warmup_steps=0), [train], valid)
+    summary = trainer.train()
+    assert summary["steps"] == 3 and summary["best_step"] == 1  # lr 0: nothing improves after the first evaluation
+    assert '"event": "early_stop", "step": 3' in (tmp_path / "run" / "log.jsonl").read_text()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    spec = tiny_blip_spec()
+    grads = []
+    for checkpointing in (False, True):
+        model = get_architecture("blip-reward").build(spec)
+        randomize(model, 2)
+        model.train()
+        model.blip.visual_encoder.gradient_checkpointing = checkpointing
+        model.blip.text_encoder.gradient_checkpointing = checkpointing
+        torch.manual_seed(0)
+        text = get_architecture("blip-reward").tokenizer(spec)(["a red circle", "a blue square"])
+        model(torch.rand(2, 3, 32, 32), text).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

@@ -20,6 +20,16 @@ def _summary(stats, counts) -> str:
             f"(train {counts['train']}, valid {counts['valid']}, test {counts['test']}); dropped: {dropped}")
 
 
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected INDEX/COUNT such as 0/4, got {value!r}", param_hint="--shard") from None
+    return index, count
+
+
 def _pair_options(func):
     func = click.option("--margin", type=float, default=0.005, show_default=True,
                         help="Drop pairs whose scores differ by less.")(func)
@@ -43,8 +53,11 @@ def cycle_group() -> None:
 @click.option("--guidance", type=float, default=7.0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--shard", help="INDEX/COUNT: run every COUNT-th input from INDEX (one process or machine per shard); "
+                              "pairs are built once all shards' manifests are in --out (`rewardlab cycle pairs`).")
 @_pair_options
-def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device, out_dir, margin, floor, split_seed):
+def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device, out_dir, shard, margin, floor,
+                  split_seed):
     """Text → image (several generators and seeds) → caption, scored by SBERT cosine to the prompt."""
     from .models import resolve_captioner, resolve_generator
     from .pairs import PairRules
@@ -55,9 +68,12 @@ def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device
     gens = [resolve_generator(g, steps=steps, guidance=guidance, device=device) for g in generators]
     bar, tick = _progress(len(inputs), "t2i2t")
     run_t2i2t(inputs, gens, resolve_captioner(captioner, device=device), SbertSimilarity(device=device),
-              [int(s) for s in seeds.split(",")], out_dir, tick)
+              [int(s) for s in seeds.split(",")], out_dir, tick, _shard(shard))
     bar.close()
-    stats, counts = export_pairs(Path(out_dir) / "manifest.jsonl", Path(out_dir) / "pairs",
+    if shard:
+        click.echo(f"shard {shard} done; build pairs with `rewardlab cycle pairs --manifest {out_dir} ...`")
+        return
+    stats, counts = export_pairs(out_dir, Path(out_dir) / "pairs",
                                  PairRules(True, margin, 0.4 if floor is None else floor), split_seed)
     click.echo(_summary(stats, counts))
 
@@ -73,8 +89,10 @@ def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device
               help="Image distance; dreamsim falls back to 1-SSIM when unavailable.")
 @click.option("--device", default=None)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--shard", help="INDEX/COUNT: run every COUNT-th input from INDEX (see t2i2t --help).")
 @_pair_options
-def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, device, out_dir, margin, floor, split_seed):
+def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, device, out_dir, shard, margin, floor,
+                  split_seed):
     """Image → caption (several captioners) → image, scored by DreamSim distance to the input."""
     from .models import resolve_captioner, resolve_generator
     from .pairs import PairRules
@@ -85,16 +103,21 @@ def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, 
     distance = image_distance(metric, device)
     bar, tick = _progress(len(inputs), "i2t2i")
     run_i2t2i(inputs, [resolve_captioner(c, device=device) for c in captioners],
-              resolve_generator(generator, steps=steps, guidance=guidance, device=device), distance, seed, out_dir, tick)
+              resolve_generator(generator, steps=steps, guidance=guidance, device=device), distance, seed, out_dir, tick,
+              _shard(shard))
     bar.close()
+    if shard:
+        click.echo(f"shard {shard} done; build pairs with `rewardlab cycle pairs --manifest {out_dir} ...`")
+        return
     default_floor = 0.7 if distance.name == "dreamsim" else None
-    stats, counts = export_pairs(Path(out_dir) / "manifest.jsonl", Path(out_dir) / "pairs",
+    stats, counts = export_pairs(out_dir, Path(out_dir) / "pairs",
                                  PairRules(False, margin, default_floor if floor is None else floor), split_seed)
     click.echo(_summary(stats, counts))
 
 
 @cycle_group.command("pairs")
-@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--manifest", required=True, type=click.Path(exists=True),
+              help="A manifest file, or a run folder (all its shard manifests are read).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @_pair_options
 def pairs_command(manifest, out_dir, margin, floor, split_seed):
@@ -102,9 +125,9 @@ def pairs_command(manifest, out_dir, margin, floor, split_seed):
     import json
 
     from .pairs import PairRules
-    from .pipeline import export_pairs
+    from .pipeline import export_pairs, manifest_files
 
-    first = json.loads(Path(manifest).read_text().splitlines()[0])
+    first = json.loads(manifest_files(manifest)[0].read_text().splitlines()[0])
     higher = first["kind"] == "t2i2t"
     if floor is None:
         floor = 0.4 if higher else (0.7 if first["metric"] == "dreamsim" else None)

@@ -80,12 +80,27 @@ def read_inputs(path: str | Path, kind: str) -> list[CycleInput]:
     return [CycleInput(str(r.get("id", n)), str(path.parent / r["image"])) for n, r in enumerate(rows)]
 
 
+def shard_of(inputs: list[CycleInput], shard: tuple[int, int] | None) -> tuple[list[CycleInput], str]:
+    """The inputs of shard ``(index, count)`` (every count-th input from index) and its manifest name."""
+    if shard is None:
+        return inputs, "manifest.jsonl"
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+    return inputs[index::count], f"manifest-{index}-of-{count}.jsonl"
+
+
 def run_t2i2t(inputs: list[CycleInput], generators: list[Generator], captioner: Captioner, similarity,
-              seeds: list[int], out_dir: str | Path, progress: Callable[[int], None] | None = None) -> Manifest:
-    """Text → image (each generator and seed) → caption; score = similarity(prompt, caption)."""
+              seeds: list[int], out_dir: str | Path, progress: Callable[[int], None] | None = None,
+              shard: tuple[int, int] | None = None) -> Manifest:
+    """Text → image (each generator and seed) → caption; score = similarity(prompt, caption).
+
+    With ``shard=(i, n)`` only every n-th input from i is run, into its own manifest file, so n
+    processes or machines can share the work; ``export_pairs`` reads all manifests of a folder."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.jsonl")
+    inputs, manifest_name = shard_of(inputs, shard)
+    manifest = Manifest(out / manifest_name)
     for item in inputs:
         for generator in generators:
             for seed in seeds:
@@ -106,11 +121,13 @@ def run_t2i2t(inputs: list[CycleInput], generators: list[Generator], captioner: 
 
 
 def run_i2t2i(inputs: list[CycleInput], captioners: list[Captioner], generator: Generator, distance, seed: int,
-              out_dir: str | Path, progress: Callable[[int], None] | None = None) -> Manifest:
+              out_dir: str | Path, progress: Callable[[int], None] | None = None,
+              shard: tuple[int, int] | None = None) -> Manifest:
     """Image → caption (each captioner) → image (one generator, fixed seed); score = distance(input, recon)."""
     out = Path(out_dir)
     (out / "reconstructions").mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.jsonl")
+    inputs, manifest_name = shard_of(inputs, shard)
+    manifest = Manifest(out / manifest_name)
     for item in inputs:
         source = None
         for captioner in captioners:
@@ -131,17 +148,28 @@ def run_i2t2i(inputs: list[CycleInput], captioners: list[Captioner], generator: 
     return manifest
 
 
+def manifest_files(path: str | Path) -> list[Path]:
+    """A manifest file, or every ``manifest*.jsonl`` of a run folder (the shards of one run)."""
+    path = Path(path)
+    files = sorted(path.glob("manifest*.jsonl")) if path.is_dir() else [path]
+    if not files or not all(f.exists() for f in files):
+        raise FileNotFoundError(f"no manifest at {path}")
+    return files
+
+
 def export_pairs(manifest_path: str | Path, out_dir: str | Path, rules: PairRules, seed: int = 0
                  ) -> tuple[PairStats, dict[str, int]]:
     """Write ``{train,valid,test}.jsonl`` pair files (splits by input) that `rewardlab train` reads.
+
+    ``manifest_path`` is one manifest or a run folder whose shard manifests are read together.
 
     T2I2T rows: prompt, preferred_image, rejected_image; I2T2I rows: image, preferred_text,
     rejected_text; both with preferred_score, rejected_score, preferred_model, rejected_model,
     preferred_seed, rejected_seed, input_id, split, metric. Image paths are relative to ``out_dir``.
     """
-    manifest_path, out = Path(manifest_path), Path(out_dir)
+    files, out = manifest_files(manifest_path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = list(Manifest(manifest_path).rows.values())
+    rows = [row for f in files for row in Manifest(f).rows.values()]
     if not rows:
         raise ValueError(f"{manifest_path} holds no finished items")
     by_input: dict[str, list[dict]] = {}
@@ -151,7 +179,7 @@ def export_pairs(manifest_path: str | Path, out_dir: str | Path, rules: PairRule
     stats = PairStats()
     counts = {"train": 0, "valid": 0, "test": 0}
     handles = {name: open(out / f"{name}.jsonl", "w") for name in counts}  # noqa: SIM115
-    base = manifest_path.parent
+    base = files[0].parent
     try:
         for input_id in sorted(by_input):
             items = by_input[input_id]
