@@ -83,8 +83,8 @@ def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | No
         weights = resolve_weights(spec, checkpoint)
         state = read_state_dict(weights)
     elif checkpoint is None and (path_like.is_file() or path_like.suffix in (".pt", ".pth", ".bin", ".safetensors")):
-        weights = str(resolve_weights_path(path_like))
-        state = read_state_dict(weights)
+        weights = str(path_like)
+        state = read_state_dict(weights)  # names the file when it is missing or unreadable
         spec = detect_spec(path_like, state)
     else:
         spec = get_spec(str(name))
@@ -99,14 +99,6 @@ def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | No
     device = resolve_device(device)
     model.eval().requires_grad_(False).to(device)
     return Scorer(spec, model, arch.tokenizer(spec), device, resolve_dtype(dtype, device), checkpoint=weights)
-
-
-def resolve_weights_path(path: Path) -> Path:
-    if not path.is_file():
-        from .hub import WeightsNotFoundError
-
-        raise WeightsNotFoundError(f"checkpoint file not found: {path}")
-    return path
 
 
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:
