@@ -103,20 +103,27 @@ def main() -> None:
         else:
             open_clip = open_clip_module()
             from hpsv2.src.open_clip import factory
-            from hpsv2.src.open_clip.transform import image_transform
 
             factory._MODEL_CONFIGS["tiny-H"] = TINY_OPEN_CLIP
-            model = open_clip.create_model("tiny-H", pretrained=None).eval()
+            # The arguments of hpsv2.img_score.initialize_model (light_augmentation=True: the eval transform
+            # scales the longer side and pads), with a tiny config and no pretrained download.
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                "tiny-H", None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
+                force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+                image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+                with_score_predictor=False, with_region_predictor=False)
+            model.eval()
             randomize(model, args.seed)
             torch.save({"state_dict": model.state_dict()}, out / "hps.pt")
-            preprocess = image_transform(224, is_train=False)
             tokenizer = open_clip.get_tokenizer("ViT-H-14")
             text = tokenizer([args.prompt])
-            scores = []
+            scores, pixels = [], []
             for path in args.images:
-                image_features, text_features = model(preprocess(Image.open(path)).unsqueeze(0), text)[:2]  # normalised
-                scores.append(float(torch.diagonal(image_features @ text_features.T)[0]))
-            result["scores"] = scores
+                image = preprocess(Image.open(path)).unsqueeze(0)
+                outputs = model(image, text)
+                scores.append(float(torch.diagonal(outputs["image_features"] @ outputs["text_features"].T)[0]))
+                pixels.append(image[0, :, ::37, ::37].flatten().tolist())  # a strided sample of the input
+            result["scores"], result["pixels"] = scores, pixels
     (out / f"{args.model}.json").write_text(json.dumps(result))
 
 
