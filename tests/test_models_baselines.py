@@ -98,12 +98,24 @@ TINY_H = {"vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_la
 
 
 def test_hps_matches_open_clip_from_hpsv2(images, tmp_path):
+    """hpsv2's scoring transform (light_augmentation=True) pads non-square images to a square: inputs and scores
+    must match it, through score() and through the differentiable score_tensors()."""
+    from rewardlab.preprocess import image_to_unit_tensor, normalize
+
     ref = _reference("hps", images, tmp_path)
     spec = get_spec("hpsv2.1")
     spec = replace(spec, options={**spec.options, "clip": TINY_H})
-    ours = rewardlab.load(spec, checkpoint=tmp_path / "hps.pt").score(PROMPT, images)
+    scorer = rewardlab.load(spec, checkpoint=tmp_path / "hps.pt")
+    for path, ref_pixels in zip(images, ref["pixels"], strict=True):
+        pixels = normalize(image_to_unit_tensor(Image.open(path), spec.preprocess)[None], spec.preprocess)
+        assert pixels[0, :, ::37, ::37].flatten().tolist() == pytest.approx(ref_pixels, abs=1e-6), path
+    ours = scorer.score(PROMPT, images)
     _assert_close(ours, ref["scores"], tolerance=1e-6)  # random-weight cosines are small: hold to float precision
     assert np.ptp(ref["scores"]) > 1e-4
+    unit = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255 for p in images]
+    _assert_close([scorer.score_tensors(x, PROMPT).item() for x in unit], ref["scores"], tolerance=1e-6)
+    cropped = rewardlab.load(replace(spec, preprocess=replace(spec.preprocess, fit="crop")), checkpoint=tmp_path / "hps.pt")
+    assert np.abs(np.array(cropped.score(PROMPT, images)) - ref["scores"]).max() > 1e-3  # the pad is what matches
 
 
 def test_pickscore_matches_transformers_clip(images, tmp_path):
