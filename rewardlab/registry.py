@@ -188,4 +188,4 @@ register(ModelSpec(
     preprocess=Preprocess(crop="floor"),
     max_tokens=77, normalization="exp(logit_scale) * cos(image, text)", licence="MIT",
     description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
-    options={"clip": _VIT_H_14, "output": "logit"}))
+    options={"clip": _VIT_H_14, "output": "logit", "text_cleaning": "none"}))  # AutoProcessor: fast tokenizer, no ftfy

@@ -39,8 +39,8 @@ def reference(tmp_path_factory) -> tuple[list[str], list[list[int]]]:
     return prompts, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _mismatches(prompts: list[str], reference: list[list[int]]) -> list[str]:
-    encoded = tokenizer(get_spec("clipscore-vit-l-14"))(prompts)
+def _mismatches(prompts: list[str], reference: list[list[int]], model: str = "clipscore-vit-l-14") -> list[str]:
+    encoded = tokenizer(get_spec(model))(prompts)
     return [p for p, ids, mask, ref in zip(prompts, encoded["input_ids"].tolist(), encoded["attention_mask"].tolist(),
                                             reference, strict=True) if ids[: sum(mask)] != ref[: ref.index(49407) + 1]]
 
@@ -63,3 +63,27 @@ def test_fix_text_subset_by_hand():
     assert fix_text_subset("ａ，ｂ　ﬁ") == "a,b fi"
     assert fix_text_subset("café 猫 — ok") == "café 猫 — ok"  # everything else untouched
     assert clean_prompt("  a &amp;amp; b  ") == "a & b"
+
+
+HF_FAST = """
+import json, sys, clip.simple_tokenizer as st
+from transformers import CLIPTokenizerFast
+folder, prompts = sys.argv[1], json.load(open(sys.argv[2]))
+bpe = st.SimpleTokenizer()
+json.dump(bpe.encoder, open(folder + "/vocab.json", "w"))
+merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+open(folder + "/merges.txt", "w").write("#version: 0.2\\n" + "\\n".join(" ".join(m) for m in merges) + "\\n")
+tok = CLIPTokenizerFast(vocab_file=folder + "/vocab.json", merges_file=folder + "/merges.txt")
+print(json.dumps(tok(prompts, padding=True, truncation=True, max_length=77)["input_ids"]))
+"""
+
+
+def test_pickscore_tokens_equal_transformers_fast_tokenizer(tmp_path):
+    """PickScore's processor tokenizes with transformers' fast CLIP tokenizer (no ftfy, no HTML unescaping)."""
+    prompts = _prompts()
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    out = subprocess.run([official_python(), "-c", HF_FAST, str(tmp_path), str(tmp_path / "p.json")], check=True,
+                         capture_output=True, text=True, timeout=600)
+    reference = json.loads(out.stdout.strip().splitlines()[-1])
+    assert _mismatches(prompts, reference, "pickscore-v1") == []
+    assert _mismatches(HARD[:3], reference[:3], "clipscore-vit-l-14") == HARD[:3]  # the cleaning is what differs

@@ -210,6 +210,12 @@ def clean_prompt(text: str) -> str:
 
 
 def tokenizer(spec: ModelSpec):
+    """CLIP BPE. ``options["text_cleaning"]``: ``openai`` (default; ``clip``/open_clip tokenizers: ftfy + HTML
+    unescaping) or ``none`` (transformers' fast CLIP tokenizer, which models served by a transformers processor
+    see: curly quotes and entities are kept)."""
     from .tokenizer import TextTokenizer
 
-    return TextTokenizer(clip_bpe_tokenizer(spec.max_tokens), clean=clean_prompt)
+    cleaning = spec.options.get("text_cleaning", "openai")
+    if cleaning not in ("openai", "none"):
+        raise ValueError(f"{spec.name}: unknown text_cleaning {cleaning!r} (expected 'openai' or 'none')")
+    return TextTokenizer(clip_bpe_tokenizer(spec.max_tokens), clean=clean_prompt if cleaning == "openai" else None)
