@@ -157,3 +157,23 @@ def test_clip_tokenizer_matches_openai(tmp_path):
     encoded = tokenizer(get_spec("clipscore-vit-l-14"))(prompts)
     for ids, mask, ref in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist(), reference, strict=True):
         assert ids[: sum(mask)] == ref[: ref.index(49407) + 1]
+
+
+def test_pickscore_matches_published_recipe_on_transformers_4_46(images, tmp_path):
+    """Reference in the official venv (transformers 4.46.3): CLIPModel config written out independently, the slow
+    PIL image processor (floored crop offsets: the 302 x 173 image is where that matters) and the fast tokenizer
+    (curly apostrophe kept)."""
+    rng = np.random.RandomState(4)
+    floor = tmp_path / "floor.png"
+    Image.fromarray((rng.rand(173, 302, 3) * 255).astype(np.uint8)).save(floor)
+    paths, prompt = [str(floor), *images], "a cat’s toy &amp; a ball"
+    subprocess.run([official_python(), str(REPO / "tests" / "official_baselines.py"), "--model", "pickscore", "--seed", "5",
+                    "--out-dir", str(tmp_path), "--prompt", prompt, *paths], check=True, capture_output=True, timeout=900)
+    ref = json.loads((tmp_path / "pickscore.json").read_text())
+    spec = get_spec("pickscore-v1")
+    spec = replace(spec, options={**spec.options, "clip": TINY_H})
+    scorer = rewardlab.load(spec, checkpoint=tmp_path / "pickscore" / "model.safetensors")
+    _assert_close(scorer.score(prompt, paths), ref["scores"], tolerance=1e-4)
+    rounded = rewardlab.load(replace(spec, preprocess=replace(spec.preprocess, crop="round")),
+                             checkpoint=tmp_path / "pickscore" / "model.safetensors")
+    assert abs(rounded.score(prompt, paths[:1])[0] - ref["scores"][0]) > 1e-3  # the floored crop is what matches
