@@ -26,7 +26,7 @@ def spec_to_json(spec: ModelSpec) -> str:
         "description": spec.description, "options": spec.options,
         "preprocess": {"size": spec.preprocess.size, "resize": spec.preprocess.resize,
                        "mean": list(spec.preprocess.mean), "std": list(spec.preprocess.std),
-                       "backend": spec.preprocess.backend, "crop": spec.preprocess.crop},
+                       "backend": spec.preprocess.backend, "crop": spec.preprocess.crop, "fit": spec.preprocess.fit},
     })
 
 
@@ -34,7 +34,8 @@ def spec_from_json(text: str) -> ModelSpec:
     data = json.loads(text)
     pre = data.pop("preprocess")
     return ModelSpec(sources=(), preprocess=Preprocess(pre["size"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"]),
-                                                       pre.get("backend", "pil"), pre.get("crop", "round")), **data)
+                                                       pre.get("backend", "pil"), pre.get("crop", "round"),
+                                                       pre.get("fit", "crop")), **data)
 
 
 def _safetensors_spec(path: Path) -> ModelSpec | None:

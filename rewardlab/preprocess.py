@@ -1,4 +1,4 @@
-"""Image preprocessing: resize the shorter side, centre crop, normalise.
+"""Image preprocessing: resize the shorter side and centre crop (or resize the longer side and pad), normalise.
 
 Two resize back ends share the crop geometry and normalisation: PIL (bit-exact with the official
 packages' torchvision-on-PIL transform, used by ``score``) and torch (differentiable, used by
@@ -34,8 +34,33 @@ def crop_box(width: int, height: int, size: int, rounding: str = "round") -> tup
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
+def padded_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the longer side to ``size``, each side rounded (open_clip's ResizeMaxSize)."""
+    scale = size / float(max(width, height))
+    return round(width * scale), round(height * scale)
+
+
+def pad_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) black borders that centre a ``width`` x ``height`` image in a square of ``size``
+    (the odd pixel goes to the right / bottom)."""
+    pad_w, pad_h = size - width, size - height
+    return pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2
+
+
+def _pil_pad(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    new_w, new_h = padded_size(image.width, image.height, spec.size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[spec.resize])
+    canvas = Image.new("RGB", (spec.size, spec.size))
+    left, top, _, _ = pad_box(new_w, new_h, spec.size)
+    canvas.paste(image.convert("RGB"), (left, top))
+    return np.array(canvas, dtype=np.uint8)
+
+
 def pil_to_array(image: Image.Image, spec: Preprocess) -> np.ndarray:
-    """Resize + crop in the image's own mode, then convert to RGB: (size, size, 3) uint8."""
+    """Resize + crop (or pad, ``fit="pad"``) in the image's own mode, then convert to RGB: (size, size, 3) uint8."""
+    if spec.fit == "pad":
+        return _pil_pad(image, spec)
     new_w, new_h = resized_size(image.width, image.height, spec.size)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[spec.resize])
@@ -73,7 +98,7 @@ def unit_tensors_to_batch(tensors: list[torch.Tensor], spec: Preprocess, device:
 
 
 def tensor_preprocess(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
-    """Differentiable preprocessing of (B, 3, H, W) [0, 1] tensors: antialiased resize, crop, normalise."""
+    """Differentiable preprocessing of (B, 3, H, W) [0, 1] tensors: antialiased resize, crop or pad, normalise."""
     if pixels01.ndim == 3:
         pixels01 = pixels01.unsqueeze(0)
     if pixels01.ndim != 4 or pixels01.shape[1] != 3:
@@ -83,11 +108,20 @@ def tensor_preprocess(pixels01: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     return normalize(_resize_crop(pixels01, spec), spec)
 
 
+def _resize(x: torch.Tensor, new_w: int, new_h: int, spec: Preprocess) -> torch.Tensor:
+    if (new_w, new_h) == (x.shape[-1], x.shape[-2]):
+        return x
+    return F.interpolate(x, size=(new_h, new_w), mode=spec.resize, antialias=spec.resize != "nearest",
+                         align_corners=False if spec.resize != "nearest" else None)
+
+
 def _resize_crop(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     height, width = x.shape[-2:]
+    if spec.fit == "pad":
+        new_w, new_h = padded_size(width, height, spec.size)
+        left, top, right, bottom = pad_box(new_w, new_h, spec.size)
+        return F.pad(_resize(x, new_w, new_h, spec), (left, right, top, bottom), value=0.0)
     new_w, new_h = resized_size(width, height, spec.size)
-    if (new_w, new_h) != (width, height):
-        x = F.interpolate(x, size=(new_h, new_w), mode=spec.resize, antialias=spec.resize != "nearest",
-                          align_corners=False if spec.resize != "nearest" else None)
+    x = _resize(x, new_w, new_h, spec)
     left, top = crop_box(new_w, new_h, spec.size, spec.crop)
     return x[..., top : top + spec.size, left : left + spec.size]

@@ -25,7 +25,9 @@ class Preprocess:
     ``backend``: ``pil`` resizes the 8-bit image with PIL (torchvision-on-PIL, transformers' image
     processors); ``tensor`` converts to a float tensor first and resizes it antialiased (open_clip's
     eval transform). ``crop``: offsets rounded half-to-even (``round``, torchvision) or floored (``floor``,
-    transformers)."""
+    transformers). ``fit``: ``crop`` scales the shorter side to ``size`` and crops the centre; ``pad`` scales
+    the longer side to ``size`` and pads both sides of the shorter one with black (open_clip's
+    ``ResizeMaxSize``, used by HPS v2's scoring)."""
 
     size: int = 224
     resize: str = "bicubic"
@@ -33,6 +35,7 @@ class Preprocess:
     std: tuple[float, float, float] = CLIP_STD
     backend: str = "pil"
     crop: str = "round"
+    fit: str = "crop"
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class ModelSpec:
             "name": self.name,
             "architecture": self.architecture,
             "weights": (src.location if src.kind == "url" else f"{src.location}/{src.filename}") if src else "-",
-            "preprocess": f"{self.preprocess.size}px {self.preprocess.resize} ({self.preprocess.backend})",
+            "preprocess": f"{self.preprocess.size}px {self.preprocess.resize} ({self.preprocess.backend})"
+                          + (", padded to square" if self.preprocess.fit == "pad" else ""),
             "mean/std": "CLIP" if self.preprocess.mean == CLIP_MEAN else str(self.preprocess.mean),
             "max_tokens": str(self.max_tokens),
             "prompt": "yes" if self.uses_prompt else "ignored",
@@ -175,7 +179,7 @@ register(ModelSpec(
              "backbone": {"kind": "hf", "location": "openai/clip-vit-large-patch14", "filename": "model.safetensors"}}))
 register(ModelSpec(
     name="hpsv2.1", architecture="clip", sources=(WeightSource("hf", "xswu/HPSv2", "HPS_v2.1_compressed.pt"),),
-    preprocess=Preprocess(backend="tensor"),
+    preprocess=Preprocess(backend="tensor", fit="pad"),
     max_tokens=77, normalization="cos(image, text) (HPS v2 score)", licence="Apache-2.0",
     description="Human Preference Score v2.1: open_clip ViT-H-14 fine-tuned on HPD v2 (keys converted).",
     options={"clip": _VIT_H_14, "output": "cosine"}))
@@ -184,4 +188,4 @@ register(ModelSpec(
     preprocess=Preprocess(crop="floor"),
     max_tokens=77, normalization="exp(logit_scale) * cos(image, text)", licence="MIT",
     description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
-    options={"clip": _VIT_H_14, "output": "logit"}))
+    options={"clip": _VIT_H_14, "output": "logit", "text_cleaning": "none"}))  # AutoProcessor: fast tokenizer, no ftfy

@@ -60,9 +60,50 @@ def open_clip_module():
     return open_clip
 
 
+# A small CLIPModel with the activations, norms and pooling of laion/CLIP-ViT-H-14 (PickScore's base).
+TINY_PICKSCORE = {
+    "text_config": {"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "hidden_act": "gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 77, "vocab_size": 49408},
+    "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "hidden_act": "gelu", "layer_norm_eps": 1e-5, "patch_size": 14, "image_size": 224},
+    "projection_dim": 32,
+}
+
+
+def pickscore(seed: int, out: Path, prompt: str, images: list[str]) -> dict:
+    """PickScore's published recipe: transformers CLIPModel + the laion ViT-H-14 processor (slow PIL image
+    processor, fast tokenizer whose vocabulary comes from the `clip` package), on a small random model."""
+    import clip.simple_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    model = CLIPModel(CLIPConfig(**TINY_PICKSCORE)).eval()
+    randomize(model, seed)
+    model.logit_scale.fill_(4.6052)
+    model.save_pretrained(out / "pickscore")  # model.safetensors, as on the hub
+    bpe = clip.simple_tokenizer.SimpleTokenizer()
+    (out / "vocab.json").write_text(json.dumps(bpe.encoder))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+                                           crop_size={"height": 224, "width": 224}, do_normalize=True,
+                                           image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                           image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True),
+        tokenizer=CLIPTokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt")))
+    pil_images = [Image.open(path) for path in images]
+    image_inputs = processor(images=pil_images, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    image_embs = model.get_image_features(**image_inputs)
+    image_embs = image_embs / image_embs.norm(dim=-1, keepdim=True)
+    text_embs = model.get_text_features(**text_inputs)
+    text_embs = text_embs / text_embs.norm(dim=-1, keepdim=True)
+    scores = model.logit_scale.exp() * (text_embs @ image_embs.T)[0]
+    return {"scores": scores.tolist(), "pixels": [x[:, ::37, ::37].flatten().tolist() for x in image_inputs["pixel_values"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=["clip", "aesthetic", "blip", "hps"], required=True)
+    parser.add_argument("--model", choices=["clip", "aesthetic", "blip", "hps", "pickscore"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--prompt", required=True)
@@ -100,23 +141,32 @@ def main() -> None:
                           "itm_head.weight": torch.zeros(2, 768)})  # what model_large.pth also holds
             torch.save({"model": state}, out / "model_large.pth")
             result["scores"] = [scorer.score(args.prompt, path) for path in args.images]
+        elif args.model == "pickscore":
+            result = pickscore(args.seed, out, args.prompt, args.images)
         else:
             open_clip = open_clip_module()
             from hpsv2.src.open_clip import factory
-            from hpsv2.src.open_clip.transform import image_transform
 
             factory._MODEL_CONFIGS["tiny-H"] = TINY_OPEN_CLIP
-            model = open_clip.create_model("tiny-H", pretrained=None).eval()
+            # The arguments of hpsv2.img_score.initialize_model (light_augmentation=True: the eval transform
+            # scales the longer side and pads), with a tiny config and no pretrained download.
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                "tiny-H", None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
+                force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+                image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+                with_score_predictor=False, with_region_predictor=False)
+            model.eval()
             randomize(model, args.seed)
             torch.save({"state_dict": model.state_dict()}, out / "hps.pt")
-            preprocess = image_transform(224, is_train=False)
             tokenizer = open_clip.get_tokenizer("ViT-H-14")
             text = tokenizer([args.prompt])
-            scores = []
+            scores, pixels = [], []
             for path in args.images:
-                image_features, text_features = model(preprocess(Image.open(path)).unsqueeze(0), text)[:2]  # normalised
-                scores.append(float(torch.diagonal(image_features @ text_features.T)[0]))
-            result["scores"] = scores
+                image = preprocess(Image.open(path)).unsqueeze(0)
+                outputs = model(image, text)
+                scores.append(float(torch.diagonal(outputs["image_features"] @ outputs["text_features"].T)[0]))
+                pixels.append(image[0, :, ::37, ::37].flatten().tolist())  # a strided sample of the input
+            result["scores"], result["pixels"] = scores, pixels
     (out / f"{args.model}.json").write_text(json.dumps(result))
 
 

@@ -98,12 +98,24 @@ TINY_H = {"vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_la
 
 
 def test_hps_matches_open_clip_from_hpsv2(images, tmp_path):
+    """hpsv2's scoring transform (light_augmentation=True) pads non-square images to a square: inputs and scores
+    must match it, through score() and through the differentiable score_tensors()."""
+    from rewardlab.preprocess import image_to_unit_tensor, normalize
+
     ref = _reference("hps", images, tmp_path)
     spec = get_spec("hpsv2.1")
     spec = replace(spec, options={**spec.options, "clip": TINY_H})
-    ours = rewardlab.load(spec, checkpoint=tmp_path / "hps.pt").score(PROMPT, images)
+    scorer = rewardlab.load(spec, checkpoint=tmp_path / "hps.pt")
+    for path, ref_pixels in zip(images, ref["pixels"], strict=True):
+        pixels = normalize(image_to_unit_tensor(Image.open(path), spec.preprocess)[None], spec.preprocess)
+        assert pixels[0, :, ::37, ::37].flatten().tolist() == pytest.approx(ref_pixels, abs=1e-6), path
+    ours = scorer.score(PROMPT, images)
     _assert_close(ours, ref["scores"], tolerance=1e-6)  # random-weight cosines are small: hold to float precision
     assert np.ptp(ref["scores"]) > 1e-4
+    unit = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255 for p in images]
+    _assert_close([scorer.score_tensors(x, PROMPT).item() for x in unit], ref["scores"], tolerance=1e-6)
+    cropped = rewardlab.load(replace(spec, preprocess=replace(spec.preprocess, fit="crop")), checkpoint=tmp_path / "hps.pt")
+    assert np.abs(np.array(cropped.score(PROMPT, images)) - ref["scores"]).max() > 1e-3  # the pad is what matches
 
 
 def test_pickscore_matches_transformers_clip(images, tmp_path):
@@ -145,3 +157,23 @@ def test_clip_tokenizer_matches_openai(tmp_path):
     encoded = tokenizer(get_spec("clipscore-vit-l-14"))(prompts)
     for ids, mask, ref in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist(), reference, strict=True):
         assert ids[: sum(mask)] == ref[: ref.index(49407) + 1]
+
+
+def test_pickscore_matches_published_recipe_on_transformers_4_46(images, tmp_path):
+    """Reference in the official venv (transformers 4.46.3): CLIPModel config written out independently, the slow
+    PIL image processor (floored crop offsets: the 302 x 173 image is where that matters) and the fast tokenizer
+    (curly apostrophe kept)."""
+    rng = np.random.RandomState(4)
+    floor = tmp_path / "floor.png"
+    Image.fromarray((rng.rand(173, 302, 3) * 255).astype(np.uint8)).save(floor)
+    paths, prompt = [str(floor), *images], "a cat’s toy &amp; a ball"
+    subprocess.run([official_python(), str(REPO / "tests" / "official_baselines.py"), "--model", "pickscore", "--seed", "5",
+                    "--out-dir", str(tmp_path), "--prompt", prompt, *paths], check=True, capture_output=True, timeout=900)
+    ref = json.loads((tmp_path / "pickscore.json").read_text())
+    spec = get_spec("pickscore-v1")
+    spec = replace(spec, options={**spec.options, "clip": TINY_H})
+    scorer = rewardlab.load(spec, checkpoint=tmp_path / "pickscore" / "model.safetensors")
+    _assert_close(scorer.score(prompt, paths), ref["scores"], tolerance=1e-4)
+    rounded = rewardlab.load(replace(spec, preprocess=replace(spec.preprocess, crop="round")),
+                             checkpoint=tmp_path / "pickscore" / "model.safetensors")
+    assert abs(rounded.score(prompt, paths[:1])[0] - ref["scores"][0]) > 1e-3  # the floored crop is what matches

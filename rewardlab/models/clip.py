@@ -7,6 +7,8 @@ transformers' names by :func:`convert_openai_state`; transformers checkpoints lo
 from __future__ import annotations
 
 import gzip
+import re
+import unicodedata
 from functools import cache
 from importlib import resources
 
@@ -183,14 +185,37 @@ def clip_bpe_tokenizer(max_tokens: int = 77):
     return tok
 
 
-def unescape_html(text: str) -> str:
-    """OpenAI CLIP's prompt cleaning: HTML entities are decoded (twice, for doubly escaped text)."""
+_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
+_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
+_WIDE_OR_LIGATURE = re.compile("[\u3000\uff01-\uff5e\ufb00-\ufb06]")
+
+
+def fix_text_subset(text: str) -> str:
+    """Without ftfy: the parts of ``ftfy.fix_text`` that change real prompts' tokens (curly quotes straightened,
+    full-width characters and Latin ligatures decomposed); mojibake repair is not attempted."""
+    text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
+    return _WIDE_OR_LIGATURE.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
+
+
+def clean_prompt(text: str) -> str:
+    """OpenAI CLIP's / open_clip's prompt cleaning: ``ftfy.fix_text`` (curly quotes, full-width forms, mojibake
+    ...), then HTML entities decoded twice, then stripped. Without ftfy installed, :func:`fix_text_subset`."""
     import html
 
-    return html.unescape(html.unescape(text)).strip()
+    try:
+        from ftfy import fix_text
+    except ImportError:
+        fix_text = fix_text_subset
+    return html.unescape(html.unescape(fix_text(text))).strip()
 
 
 def tokenizer(spec: ModelSpec):
+    """CLIP BPE. ``options["text_cleaning"]``: ``openai`` (default; ``clip``/open_clip tokenizers: ftfy + HTML
+    unescaping) or ``none`` (transformers' fast CLIP tokenizer, which models served by a transformers processor
+    see: curly quotes and entities are kept)."""
     from .tokenizer import TextTokenizer
 
-    return TextTokenizer(clip_bpe_tokenizer(spec.max_tokens), clean=unescape_html)
+    cleaning = spec.options.get("text_cleaning", "openai")
+    if cleaning not in ("openai", "none"):
+        raise ValueError(f"{spec.name}: unknown text_cleaning {cleaning!r} (expected 'openai' or 'none')")
+    return TextTokenizer(clip_bpe_tokenizer(spec.max_tokens), clean=clean_prompt if cleaning == "openai" else None)
