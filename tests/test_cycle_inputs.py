@@ -191,6 +191,11 @@ def test_batched_run_equals_unbatched_and_parquet_matches_jsonl(tmp_path):
         assert load_pair_file(tmp_path / "pairs" / f"{split}.parquet") == load_pair_file(tmp_path / "pairs" / f"{split}.jsonl")
     # per prompt other than the white one: 3 right candidates beat b/seed 1 (overlap 1 vs 2/3), 3 ties
     assert sum(counts.values()) == stats.kept == 4 * 3 and stats.dropped == {"exact tie": 4 * 3 + 6}
+    result = CliRunner().invoke(cli, ["cycle", "pairs", "--manifest", str(tmp_path / "three"), "--out",
+                                      str(tmp_path / "cli"), "--format", "parquet"], catch_exceptions=False)
+    assert result.exit_code == 0 and "pairs kept 12" in result.output and "exact tie: 18" in result.output
+    assert sorted(f.name for f in (tmp_path / "cli").iterdir()) == ["test.parquet", "train.parquet", "valid.parquet"]
+    assert load_pair_file(tmp_path / "cli" / "train.parquet") == load_pair_file(tmp_path / "pairs" / "train.jsonl")
 
 
 def test_cli_reports_a_bad_prompt_file_by_name(tmp_path):

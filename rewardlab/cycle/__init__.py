@@ -6,5 +6,5 @@ from .pipeline import CycleInput, CycleInputError, Manifest, export_pairs, read_
 from .similarity import SbertSimilarity, SsimDistance, image_distance
 
 __all__ = ["Captioner", "DiffusersGenerator", "Generator", "TransformersCaptioner", "Candidate", "PairRules",
-           "PairStats", "assign_splits", "build_pairs", "split_of", "CycleInput", "CycleInputError", "Manifest", "export_pairs", "read_inputs",
-           "run_i2t2i", "run_t2i2t", "SbertSimilarity", "SsimDistance", "image_distance"]
+           "PairStats", "assign_splits", "build_pairs", "split_of", "CycleInput", "CycleInputError", "Manifest",
+           "export_pairs", "read_inputs", "run_i2t2i", "run_t2i2t", "SbertSimilarity", "SsimDistance", "image_distance"]
