@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,7 +196,12 @@ def test_batched_run_equals_unbatched_and_parquet_matches_jsonl(tmp_path):
                                       str(tmp_path / "cli"), "--format", "parquet"], catch_exceptions=False)
     assert result.exit_code == 0 and "pairs kept 12" in result.output and "exact tie: 18" in result.output
     assert sorted(f.name for f in (tmp_path / "cli").iterdir()) == ["test.parquet", "train.parquet", "valid.parquet"]
-    assert load_pair_file(tmp_path / "cli" / "train.parquet") == load_pair_file(tmp_path / "pairs" / "train.jsonl")
+    def resolved(pairs):
+        return [(p.group_id, p.preferred_prompt, Path(p.preferred_image).resolve(), Path(p.rejected_image).resolve())
+                for p in pairs]
+
+    assert resolved(load_pair_file(tmp_path / "cli" / "train.parquet")) == \
+        resolved(load_pair_file(tmp_path / "pairs" / "train.jsonl"))
 
 
 def test_cli_reports_a_bad_prompt_file_by_name(tmp_path):
