@@ -216,3 +216,26 @@ def test_cli_reports_a_bad_prompt_file_by_name(tmp_path):
     result = CliRunner().invoke(cli, ["cycle", "t2i2t", "--prompts", str(good), "--generator", "diffusers:x",
                                       "--captioner", "hf:y", "--seeds", "0,x", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--seeds" in result.output and "'0,x'" in result.output
+
+
+@pytest.mark.parametrize("kind", ["i2t2i", "t2i2t"])
+def test_exported_pairs_identical_for_every_manifest_order(tmp_path, kind):
+    """The direction bug end to end: manifest lines in any order give the same pair file."""
+    scores = {"m1": 0.2, "m2": 0.5, "m3": 0.503, "m4": 0.8}
+    higher = kind == "t2i2t"
+    rows = [{"kind": kind, "input_id": "x", "input": "/data/x.png" if kind == "i2t2i" else "a cat", "model": m,
+             "seed": 0, "params": {}, "output": f"a {m} caption" if kind == "i2t2i" else f"images/{m}.png",
+             "reconstruction": "", "metric": "m", "score": v} for m, v in scores.items()]
+    outputs = set()
+    for n, order in enumerate(itertools.permutations(rows)):
+        run = tmp_path / f"run{n}"
+        run.mkdir()
+        (run / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in order))
+        export_pairs(run, run / "pairs", PairRules(higher, margin=0.005, floor=0.6))
+        outputs.add((run / "pairs" / f"{split_of('x')}.jsonl").read_text())
+    assert len(outputs) == 1
+    pairs = [(r["preferred_model"], r["rejected_model"]) for r in map(json.loads, outputs.pop().splitlines())]
+    if higher:  # higher wins, winner >= 0.6: only m4 can be preferred
+        assert pairs == [("m4", "m1"), ("m4", "m2"), ("m4", "m3")]
+    else:  # lower wins, winner <= 0.6; m2/m3 within the margin
+        assert pairs == [("m1", "m2"), ("m1", "m3"), ("m1", "m4"), ("m2", "m4"), ("m3", "m4")]
