@@ -8,7 +8,7 @@ compares caption and prompt. The data go through the real pipeline (``run_t2i2t`
 with the ground truth (more attributes right wins), broken down by what differs, and the held-out
 accuracy of the same tiny reward model trained on cycle pairs and on ground-truth pairs.
 
-    python benchmarks/cycle_synthetic.py [--prompts 300] [--steps 300] [--train-seeds 2]
+    python benchmarks/cycle_synthetic.py [--prompts 300] [--steps 300] [--train-seeds 2] [--margin 0.005]
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=300)
     parser.add_argument("--test-prompts", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=2, help="images per generator and prompt")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="training steps; 0 skips the training comparison")
     parser.add_argument("--train-seeds", type=int, default=2, help="training runs per data source")
+    parser.add_argument("--margin", type=float, default=0.005, help="pair margin of the cycle pairs used for training")
     parser.add_argument("--captioner-error", type=float, default=0.1, help="chance the captioner misreads an attribute")
     args = parser.parse_args()
 
@@ -79,7 +80,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = run_t2i2t([CycleInput(str(n), p) for n, p in enumerate(prompts)], generators, captioner,
                              SbertSimilarity(), seeds, run, batch_size=64)
-        stats, counts = export_pairs(run, out, PairRules(higher_is_better=True, margin=0.005, floor=0.4))
+        stats, counts = export_pairs(run, out, PairRules(higher_is_better=True, margin=args.margin, floor=0.4))
         elapsed = time.perf_counter() - start
         rows = {(r["input"], r["model"], r["seed"]): r for r in manifest.rows.values()}
         import json
@@ -128,6 +129,22 @@ def main() -> None:
         for kind, (right, total) in sorted(by_kind.items()):
             print(f"  captions with {kind:<16} {right}/{total} = {right / max(total, 1):.3f}")
 
+        print("margin sweep (same manifest, other PairRules):")
+        for margin in (0.005, 0.02, 0.05, 0.1):
+            sweep_stats, _ = export_pairs(run, Path(tmp) / f"sweep-{margin}", PairRules(True, margin, 0.4))
+            right = wrong = equal = 0
+            for split in ("train", "valid", "test"):
+                for line in (Path(tmp) / f"sweep-{margin}" / f"{split}.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    good = by_name[row["preferred_model"]].truth[(row["prompt"], row["preferred_seed"])]
+                    bad = by_name[row["rejected_model"]].truth[(row["prompt"], row["rejected_seed"])]
+                    right, wrong, equal = right + (good > bad), wrong + (good < bad), equal + (good == bad)
+            print(f"  margin {margin:<5} kept {sweep_stats.kept:>5}: agrees {right / max(right + wrong, 1):.3f}, "
+                  f"equally correct {equal / max(sweep_stats.kept, 1):.3f}, right among all kept "
+                  f"{right / max(sweep_stats.kept, 1):.3f}")
+
+        if args.steps <= 0:
+            return
         budget = min(len(cycle_pairs), len(train_truth))
         sample = random.Random(0)
         results = {}
