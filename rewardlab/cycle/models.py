@@ -21,6 +21,9 @@ class Captioner(Protocol):
 
 @runtime_checkable
 class Generator(Protocol):
+    """``generate`` returns one image per prompt; each image must depend only on its prompt and
+    ``seed`` (not on the other prompts of the call), so batching and resuming give the same data."""
+
     name: str
 
     def generate(self, prompts: list[str], seed: int) -> list[Image.Image]: ...
@@ -49,7 +52,8 @@ class DiffusersGenerator:
         import torch
 
         device = getattr(self.pipeline, "device", "cpu")
-        generator = torch.Generator(device=device).manual_seed(seed)
+        # one noise generator per prompt, all from ``seed``: an image is the same alone or in a batch
+        generator = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
         extra = {k: v for k, v in (("height", self.params["height"]), ("width", self.params["width"])) if v}
         result = self.pipeline(prompts, num_inference_steps=self.params["steps"], guidance_scale=self.params["guidance"],
                                generator=generator, output_type="pil", **extra)

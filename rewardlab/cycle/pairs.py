@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -49,13 +50,18 @@ def build_pairs(candidates: list[Candidate], rules: PairRules, stats: PairStats 
     """All (preferred, rejected) pairs among one input's candidates that pass the rules.
 
     Candidates are sorted by (model, seed, output) first, so the result does not depend on their order;
-    duplicate outputs keep the first after sorting; exact ties and |Δ| < margin are dropped, as are
-    pairs whose preferred candidate misses the quality floor.
+    candidates whose score is NaN or infinite are dropped (a NaN compares false both ways and would
+    otherwise pick a side at random); duplicate outputs keep the first after sorting; exact ties and
+    |Δ| < margin are dropped, as are pairs whose preferred candidate misses the quality floor.
     """
     stats = stats if stats is not None else PairStats()
     ordered = sorted(candidates, key=lambda c: (c.model, c.seed, c.output))
     stats.inputs += 1
     stats.candidates += len(ordered)
+    finite = [c for c in ordered if math.isfinite(c.score)]
+    if len(finite) < len(ordered):
+        stats.dropped["non-finite score"] += len(ordered) - len(finite)
+        ordered = finite
     if rules.drop_duplicate_outputs:
         seen, unique = set(), []
         for c in ordered:
@@ -83,10 +89,17 @@ def build_pairs(candidates: list[Candidate], rules: PairRules, stats: PairStats 
     return pairs
 
 
+def split_of(input_id: str, seed: int = 0, fractions: tuple[float, float] = (0.9, 0.05)) -> str:
+    """train/valid/test for one input, from a seeded hash of its id alone: an input keeps its split
+    when more inputs finish, when shards are added or when the run is resumed (no train/test leak
+    between exports of a growing run)."""
+    digest = hashlib.sha256(f"{seed}\0{input_id}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    if position < fractions[0]:
+        return "train"
+    return "valid" if position < fractions[0] + fractions[1] else "test"
+
+
 def assign_splits(input_ids: list[str], seed: int = 0, fractions: tuple[float, float] = (0.9, 0.05)) -> dict[str, str]:
-    """train/valid/test by input (no input on two sides), seeded."""
-    ids = sorted(set(input_ids))
-    random.Random(seed).shuffle(ids)
-    n_train = int(round(len(ids) * fractions[0]))
-    n_valid = int(round(len(ids) * fractions[1]))
-    return {i: ("train" if n < n_train else "valid" if n < n_train + n_valid else "test") for n, i in enumerate(ids)}
+    """train/valid/test by input (no input on two sides), seeded; see :func:`split_of`."""
+    return {i: split_of(i, seed, fractions) for i in sorted(set(input_ids))}

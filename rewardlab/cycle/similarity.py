@@ -34,6 +34,8 @@ class SbertSimilarity:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(model or default_sbert_path(), device=device or "cpu")
+        if model:  # recorded in the manifest and pair files: say which model scored
+            self.name = f"sbert-{Path(model).name}"
 
     def __call__(self, references: list[str], candidates: list[str]) -> list[float]:
         embeddings = self.model.encode(list(references) + list(candidates), convert_to_tensor=True,
