@@ -214,3 +214,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_yaml_numbers_and_no_get_their_declared_types(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 2e-5\nmixed_precision: no\nbatch_size: '4'\n")
+    cfg = TrainConfig.from_yaml(config, ["weight_decay=1e-2", "max_steps=7"])
+    assert cfg.lr == 2e-5 and cfg.weight_decay == 0.01 and cfg.mixed_precision == "no"
+    assert cfg.batch_size == 4 and cfg.max_steps == 7
+    with pytest.raises(ValueError, match="setting lr: 'fast' is not a number"):
+        TrainConfig.from_yaml(None, ["lr=fast"])

@@ -71,7 +71,21 @@ class TrainConfig:
         for key in ("data", "valid_data", "log_with"):
             if isinstance(values.get(key), str):
                 values[key] = [values[key]]
-        return cls(**values)
+        return cls(**{key: _coerce(key, value, known[key].type) for key, value in values.items()})
+
+
+def _coerce(key: str, value, kind: str):
+    """YAML 1.1 reads ``2e-5`` as a string and ``no`` as False: give each setting its declared type."""
+    try:
+        if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"setting {key}: {value!r} is not a number") from None
+    if kind.startswith("str") and isinstance(value, bool):
+        return "yes" if value else "no"
+    return value
 
 
 class PairBatcher:
