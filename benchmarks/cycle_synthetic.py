@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic_scenes import PixelCaptioner, Scene, SceneGenerator  # noqa: E402
+from rewardlab.testing.scenes import PixelCaptioner, Scene, SceneGenerator  # noqa: E402
 
 ERROR_RATES = {"careful": 0.1, "average": 0.25, "sloppy": 0.5}  # per attribute
 
@@ -43,7 +41,7 @@ def truth_pairs(prompts: list[str], generators: list[SceneGenerator], seeds: lis
 
 
 def train_and_test(train_pairs, test_pairs, steps: int, seed: int) -> float:
-    from rewardlab.api import spec_to_json
+    from rewardlab.scoring.loader import spec_to_json
     from rewardlab.testing import tiny_blip_spec
     from rewardlab.train.trainer import TrainConfig, Trainer
 

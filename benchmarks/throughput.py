@@ -95,7 +95,7 @@ def main() -> None:
             same_order = np.argsort(scores).tolist() == np.argsort(ref["rank_scores"]).tolist()
             rows.append((dtype, ips, deviation, same_order))
 
-        from rewardlab.scorer import cpu_has_fast_bf16
+        from rewardlab.scoring.scorer import cpu_has_fast_bf16
 
         print(f"ImageReward-v1.0 architecture, {len(images)} images, 1 prompt, torch threads {torch.get_num_threads()}, "
               f"CPU {torch.backends.cpu.get_cpu_capability()}, bf16 hardware (AMX/AVX512-BF16): {cpu_has_fast_bf16()}")

@@ -5,15 +5,24 @@
     >>> scorer.score("a red bicycle", ["a.png", "b.png"])
 """
 
-from .api import load, save_checkpoint
-from .checkpoint import CheckpointError
-from .hub import WeightsNotFoundError
-from .images import ImageLoadError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ImageLoadError,
+    NonFiniteError,
+    RewardLabError,
+    UnknownModelError,
+    UsageError,
+    WeightsNotFoundError,
+)
 from .registry import ModelSpec, get_spec, list_models
-from .scorer import Ranking, Scorer, ScoreResult
+from .scoring.loader import load, save_checkpoint
+from .scoring.scorer import Ranking, Scorer, ScoreResult
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "save_checkpoint", "list_models", "get_spec", "ModelSpec", "Scorer", "ScoreResult", "Ranking",
-    "ImageLoadError", "CheckpointError", "WeightsNotFoundError", "__version__",
+    "RewardLabError", "UsageError", "ConfigError", "UnknownModelError", "DataError", "ImageLoadError",
+    "CheckpointError", "WeightsNotFoundError", "NonFiniteError", "__version__",
 ]

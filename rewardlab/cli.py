@@ -4,18 +4,39 @@ and are imported only when used, so ``rewardlab score`` never imports training o
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 
 import click
 
+from .errors import RewardLabError
+from .io.safe_text import for_terminal
+
 # command name -> "module:attribute" of a click command
 LAZY_COMMANDS = {
-    "models": "rewardlab.cli_score:models_command",
-    "score": "rewardlab.cli_score:score_command",
-    "rank": "rewardlab.cli_score:rank_command",
+    "models": "rewardlab.scoring.cli:models_command",
+    "score": "rewardlab.scoring.cli:score_command",
+    "rank": "rewardlab.scoring.cli:rank_command",
     "eval": "rewardlab.eval.cli:eval_command",
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",
 }
+
+
+class CLIError(click.ClickException):
+    """One line on stderr, ``error: <what> — <how to fix>``, with the error's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {for_terminal(self.message)}", err=True, file=file)
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    root = ctx.find_root() if ctx is not None else None
+    return bool(os.environ.get("REWARDLAB_DEBUG")) or bool(root and root.params.get("debug"))
 
 
 class LazyGroup(click.Group):
@@ -34,11 +55,34 @@ class LazyGroup(click.Group):
         module, attribute = target.split(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def invoke(self, ctx: click.Context):
+        """Run the subcommand; rewardlab errors become one line (tracebacks only with --debug)."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except RewardLabError as exc:
+            if debug_enabled(ctx):
+                raise
+            raise CLIError(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+        except Exception as exc:
+            if debug_enabled(ctx):
+                raise
+            raise CLIError(f"unexpected {type(exc).__name__}: {exc} — rerun with --debug for the traceback "
+                           "and report it", 1) from None
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rewardlab")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks (also REWARDLAB_DEBUG=1).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
+              show_default=True, help="Logging level of rewardlab's modules.")
+def cli(debug: bool, log_level: str) -> None:
     """Image-text reward models: score, rank, evaluate, train, and build cycle-consistency data."""
+    logging.basicConfig(level=logging.DEBUG if debug else getattr(logging, log_level.upper()),
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UnknownModelError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -87,7 +89,12 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"registered models: {', '.join(list_models())}"
+        raise UnknownModelError(f"unknown model {name!r}", hint + " (`rewardlab models` lists them; a checkpoint "
+                                "path also works)") from None
 
 
 def list_models() -> list[str]:

@@ -40,7 +40,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     """rewardlab.testing.randomize, loaded by path: rewardlab itself is not installed in this venv."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("rl_testing", Path(__file__).resolve().parents[1] / "rewardlab" / "testing.py")
+    spec = importlib.util.spec_from_file_location("rl_testing", Path(__file__).resolve().parents[1] / "rewardlab" / "testing" / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.randomize(model, seed)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rewardlab
-from rewardlab.api import save_checkpoint
-from rewardlab.checkpoint import CheckpointError, load_strict, read_state_dict
+from rewardlab.io.checkpoint import CheckpointError, load_strict, read_state_dict
 from rewardlab.models import get_architecture
+from rewardlab.scoring.loader import save_checkpoint
 from rewardlab.testing import randomize, tiny_blip_spec
 
 
@@ -77,7 +77,7 @@ def test_safetensors_roundtrip_scores_identically(tiny_model, tmp_path):
 
 
 def scorer_input(scorer, pixels):
-    from rewardlab.preprocess import tensor_preprocess
+    from rewardlab.scoring.preprocess import tensor_preprocess
 
     return tensor_preprocess(pixels, scorer.spec.preprocess)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tiny_diffusion import tiny_pipeline
 
 from rewardlab.cli import cli
 from rewardlab.cycle import (
@@ -25,6 +24,7 @@ from rewardlab.cycle import (
     run_i2t2i,
     run_t2i2t,
 )
+from rewardlab.testing.diffusion import tiny_pipeline
 from rewardlab.train import load_pair_file
 
 NAMED = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0)}

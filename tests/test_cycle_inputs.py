@@ -151,9 +151,8 @@ def test_unreadable_image_is_logged_skipped_and_retried(tmp_path):
 
 
 def test_diffusers_generator_images_do_not_depend_on_batching(tmp_path):
-    from tiny_diffusion import tiny_pipeline
-
     from rewardlab.cycle import DiffusersGenerator
+    from rewardlab.testing.diffusion import tiny_pipeline
 
     generator = DiffusersGenerator(tiny_pipeline(tmp_path / "g", seed=0), name="tiny", steps=2, guidance=3.0,
                                    height=16, width=16)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from synthetic_scenes import Drawn, PixelCaptioner, Scene, SceneGenerator, render, stable_rng
+
+from rewardlab.testing.scenes import Drawn, PixelCaptioner, Scene, SceneGenerator, render, stable_rng
 
 
 def test_error_free_scenes_are_read_back_word_for_word():

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from rewardlab.hub import WeightsNotFoundError, resolve_weights
+from rewardlab.io.hub import WeightsNotFoundError, resolve_weights
 from rewardlab.registry import get_spec
 
 

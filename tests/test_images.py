@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rewardlab.images import ImageLoadError, expand_paths, open_image
-from rewardlab.preprocess import pil_to_array
+from rewardlab.io.images import ImageLoadError, expand_paths, open_image
 from rewardlab.registry import Preprocess
+from rewardlab.scoring.preprocess import pil_to_array
 
 SPEC = Preprocess(size=8)
 

@@ -100,7 +100,7 @@ TINY_H = {"vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_la
 def test_hps_matches_open_clip_from_hpsv2(images, tmp_path):
     """hpsv2's scoring transform (light_augmentation=True) pads non-square images to a square: inputs and scores
     must match it, through score() and through the differentiable score_tensors()."""
-    from rewardlab.preprocess import image_to_unit_tensor, normalize
+    from rewardlab.scoring.preprocess import image_to_unit_tensor, normalize
 
     ref = _reference("hps", images, tmp_path)
     spec = get_spec("hpsv2.1")

@@ -11,8 +11,14 @@ import torch
 from PIL import Image
 
 import rewardlab
-from rewardlab.preprocess import image_to_unit_tensor, pad_box, padded_size, pil_to_array, tensor_preprocess
 from rewardlab.registry import Preprocess, get_spec
+from rewardlab.scoring.preprocess import (
+    image_to_unit_tensor,
+    pad_box,
+    padded_size,
+    pil_to_array,
+    tensor_preprocess,
+)
 from rewardlab.testing import make_random_checkpoint
 
 RED = (255, 0, 0)

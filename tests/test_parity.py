@@ -17,8 +17,8 @@ from conftest import EXAMPLE_PROMPT, REPO, example_images, official_python
 from PIL import Image
 
 import rewardlab
-from rewardlab.images import open_image
-from rewardlab.preprocess import arrays_to_tensor, pil_to_array
+from rewardlab.io.images import open_image
+from rewardlab.scoring.preprocess import arrays_to_tensor, pil_to_array
 
 pytestmark = pytest.mark.parity
 

@@ -6,8 +6,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewardlab.preprocess import arrays_to_tensor, crop_box, pil_to_array, resized_size, tensor_preprocess
 from rewardlab.registry import CLIP_MEAN, CLIP_STD, Preprocess
+from rewardlab.scoring.preprocess import (
+    arrays_to_tensor,
+    crop_box,
+    pil_to_array,
+    resized_size,
+    tensor_preprocess,
+)
 
 
 def test_resized_size_truncates_long_side():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import rewardlab
-from rewardlab.scorer import ranks_from_scores, resolve_dtype
+from rewardlab.scoring.scorer import ranks_from_scores, resolve_dtype
 
 
 def test_batch_size_does_not_change_scores(tiny_scorer, image_dir):
@@ -80,7 +80,7 @@ def test_score_tensors_matches_score_without_resize_and_has_gradients(tiny_score
 def test_dtype_resolution(monkeypatch):
     import warnings
 
-    from rewardlab import scorer as scorer_module
+    from rewardlab.scoring import scorer as scorer_module
 
     cpu = torch.device("cpu")
     assert resolve_dtype(None, cpu) == torch.float32

@@ -10,16 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import REPO, official_python
-from synthetic_shapes import make_pairs
 
 import rewardlab
-from rewardlab.api import spec_to_json
-from rewardlab.checkpoint import CheckpointError, read_state_dict
 from rewardlab.cli import cli
 from rewardlab.data import Group
+from rewardlab.io.checkpoint import CheckpointError, read_state_dict
 from rewardlab.models import get_architecture
 from rewardlab.registry import get_spec
+from rewardlab.scoring.loader import spec_to_json
 from rewardlab.testing import randomize, tiny_blip_spec
+from rewardlab.testing.shapes import make_pairs
 from rewardlab.train import Pair, bradley_terry_loss, freeze_ratio, pairs_from_groups, split_by_group
 from rewardlab.train.init import load_initial_weights
 from rewardlab.train.trainer import PairBatcher, TrainConfig, Trainer

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import DataError
 from .models import Captioner, Generator
 from .pairs import Candidate, PairRules, PairStats, assign_splits, build_pairs
 
 
-class CycleInputError(ValueError):
+class CycleInputError(DataError):
     """Bad cycle input (file, line or id named in the message)."""
 
 
@@ -145,7 +146,7 @@ def read_inputs(path: str | Path, kind: str) -> list[CycleInput]:
             items = [(n, CycleInput(str(k), line)) for k, (n, line) in enumerate(lines)]
         return _unique(path, items)
     if path.is_dir():
-        from ..images import expand_paths
+        from ..io.images import expand_paths
 
         files = [Path(p) for p in expand_paths([str(path)])]
         return _unique(path, [(str(f.relative_to(path)), CycleInput(f.relative_to(path).with_suffix("").as_posix(),
@@ -227,7 +228,7 @@ def run_i2t2i(inputs: list[CycleInput], captioners: list[Captioner], generator: 
 
     An input image that cannot be read is logged to ``errors.jsonl`` (and ``manifest.errors``) and
     skipped; the other inputs are unaffected and a rerun retries it."""
-    from ..images import ImageLoadError, open_image
+    from ..io.images import ImageLoadError, open_image
 
     _check_names(captioners, "captioner")
     out = Path(out_dir)

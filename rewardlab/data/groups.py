@@ -15,9 +15,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A dataset row is malformed; the message names the file, row and field."""
+from ..errors import DataError
 
 
 @dataclass

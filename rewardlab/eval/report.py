@@ -50,7 +50,7 @@ def histogram_svg(values: list[float], title: str, bins: int = 20, width: int = 
 
 
 def _thumbnail(image) -> str:
-    from ..images import open_image
+    from ..io.images import open_image
 
     try:
         pil = open_image(image).convert("RGB")

@@ -136,8 +136,8 @@ def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, 
     """Any accepted layout -> this module's keys. The aesthetic predictor's file holds only the MLP
     (``layers.*``); its CLIP backbone weights come from ``spec.options["backbone"]``."""
     if spec.options["output"] == "aesthetic" and all(k.startswith("layers.") for k in state):
-        from ..checkpoint import read_state_dict
-        from ..hub import resolve_weights
+        from ..io.checkpoint import read_state_dict
+        from ..io.hub import resolve_weights
         from ..registry import WeightSource
 
         backbone = spec.options["backbone"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_state_dict
+from ..io.checkpoint import CheckpointError, read_state_dict
 from ..models.blip_score import drop_pretraining_keys
 
 

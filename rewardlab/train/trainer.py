@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..api import save_checkpoint, spec_from_json, spec_to_json
 from ..eval.metrics import PairwiseAccuracy
-from ..images import open_image
+from ..io.images import open_image
 from ..models import get_architecture
-from ..preprocess import image_to_unit_tensor, unit_tensors_to_batch
 from ..registry import ModelSpec, get_spec
+from ..scoring.loader import save_checkpoint, spec_from_json, spec_to_json
+from ..scoring.preprocess import image_to_unit_tensor, unit_tensors_to_batch
 from .data import Pair, load_training_pairs, split_by_group
 from .freeze import freeze_backbone, freeze_ratio, trainable_summary
 from .init import load_initial_weights

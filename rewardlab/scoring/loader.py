@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_strict, read_state_dict
-from .hub import resolve_weights
-from .models import blip_reward, get_architecture
-from .registry import ModelSpec, Preprocess, get_spec
+from ..io.checkpoint import CheckpointError, load_strict, read_state_dict
+from ..io.hub import resolve_weights
+from ..models import blip_reward, get_architecture
+from ..registry import ModelSpec, Preprocess, get_spec
 from .scorer import Scorer, resolve_device, resolve_dtype
 
 SPEC_METADATA_KEY = "rewardlab_spec"
@@ -59,7 +59,7 @@ def detect_spec(path: Path, state: dict[str, torch.Tensor]) -> ModelSpec:
     if head == "gelu":
         return replace(get_spec("cyclereward-combo"), name=f"cyclereward:{path.stem}",
                        description="CycleReward-architecture checkpoint")
-    from .models import detect_other
+    from ..models import detect_other
 
     spec = detect_other(state)
     if spec is not None:
@@ -99,7 +99,14 @@ def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | No
     load_strict(model, arch.convert(state, spec), weights, ignore=arch.ignored_keys)
     device = resolve_device(device)
     model.eval().requires_grad_(False).to(device)
-    return Scorer(spec, model, arch.tokenizer(spec), device, resolve_dtype(dtype, device), checkpoint=weights)
+    if path_like is not None and checkpoint is None and Path(weights) == path_like:
+        label = path_like.name
+    elif checkpoint is not None:
+        label = f"{spec.name}@{Path(checkpoint).name}"
+    else:
+        label = spec.name
+    return Scorer(spec, model, arch.tokenizer(spec), device, resolve_dtype(dtype, device), checkpoint=weights,
+                  label=label)
 
 
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .registry import ModelSpec, WeightSource
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """No weight file could be had for a model."""
+from ..errors import WeightsNotFoundError
+from ..registry import ModelSpec, WeightSource
 
 
 def _hub_cache_dir() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .images import expand_paths
+from ..io.images import expand_paths
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Row:
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table")
 def models_command(fmt: str) -> None:
     """List the registered reward models with their source, preprocessing and output."""
-    from .registry import all_specs
+    from ..registry import all_specs
 
     rows = [spec.to_row() for spec in all_specs()]
     if fmt == "jsonl":
@@ -106,7 +106,7 @@ def _read_jobs(prompt: str | None, prompts_file: str | None, images: tuple[str, 
 
 def _score_jobs(jobs: list[tuple[str, str]], model: str, checkpoint, batch_size, device, dtype, progress: bool
                 ) -> tuple[list[Row], str]:
-    from . import load
+    from .. import load
     from .scorer import ranks_from_scores
 
     scorer = load(model, checkpoint=checkpoint, device=device, dtype=dtype)

@@ -35,7 +35,7 @@ TINY_TEXT = {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64
 
 def tiny_blip_spec(head: str = "linear", name: str = "tiny-blip-reward", max_tokens: int = 35):
     """A BLIP-reward spec small enough to train on CPU in seconds (32 px images, 2+2 layers)."""
-    from .registry import ModelSpec, Preprocess
+    from ..registry import ModelSpec, Preprocess
 
     return ModelSpec(
         name=name, architecture="blip-reward", sources=(), preprocess=Preprocess(size=32), max_tokens=max_tokens,
@@ -47,8 +47,8 @@ def tiny_blip_spec(head: str = "linear", name: str = "tiny-blip-reward", max_tok
 def make_random_checkpoint(path, spec=None, seed: int = 0) -> str:
     """Build ``spec``'s model (default: tiny BLIP reward), randomise it, save it as a rewardlab
     safetensors checkpoint that ``rewardlab.load(path)`` reads back. Returns the path."""
-    from .api import save_checkpoint
-    from .models import get_architecture
+    from ..models import get_architecture
+    from ..scoring.loader import save_checkpoint
 
     spec = spec or tiny_blip_spec()
     model = get_architecture(spec.architecture).build(spec)

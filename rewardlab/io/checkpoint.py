@@ -8,10 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not match the model."""
-
+from ..errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 

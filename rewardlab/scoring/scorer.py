@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .images import ImageInput, ImageLoadError, describe, open_image
+from ..io.images import ImageInput, ImageLoadError, describe, open_image
+from ..registry import ModelSpec
 from .preprocess import image_to_unit_tensor, tensor_preprocess, unit_tensors_to_batch
-from .registry import ModelSpec
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -104,8 +104,9 @@ class Scorer:
     """A loaded reward model. ``score``, ``rank`` and ``score_tensors`` are the only ways in."""
 
     def __init__(self, spec: ModelSpec, model: nn.Module, tokenizer, device: torch.device, dtype: torch.dtype,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, label: str | None = None):
         self.spec = spec
+        self.label = label or spec.name  # distinct display name (a checkpoint's file name when loaded from a path)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device

@@ -9,17 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import ImageLoadError
+
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class ImageLoadError(ValueError):
-    """An input image is missing, unreadable or of an unsupported kind; ``name`` says which."""
-
-    def __init__(self, name: str, reason: str):
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
 
 
 def describe(image: ImageInput, index: int) -> str:

@@ -1,0 +1,139 @@
+"""Crash-safe writes: a temporary file in the target's folder, flushed and fsynced, then renamed over it.
+
+A kill at any instant leaves either the old file or the new one, never a torn one. Folders of several
+files (training state) are written as a new folder and published by atomically replacing a small pointer
+file, so a reader always sees one complete folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on a clean exit it replaces ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is untouched."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write supports modes 'w' and 'wb', not {mode!r}")
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target.exists():
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, target.stat().st_mode & 0o7777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+        fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 1) -> None:
+    """Atomically write ``value`` as JSON; NaN and infinities are refused (they are not JSON)."""
+    write_text(path, json.dumps(value, indent=indent, allow_nan=False) + "\n")
+
+
+# -- folders published through a pointer file --------------------------------------------------------
+
+POINTER_NAME = "LATEST"
+
+
+def new_version_dir(root: str | os.PathLike, stem: str) -> Path:
+    """A fresh, empty folder ``root/.stem.<random>`` to fill before :func:`publish_version`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=root))
+
+
+def publish_version(root: str | os.PathLike, filled: Path, name: str, keep: int = 1) -> Path:
+    """Make ``filled`` (from :func:`new_version_dir`) the current version ``root/name``.
+
+    Every file in it is fsynced, it is renamed to ``root/name``, then ``root/LATEST`` is atomically
+    replaced with ``name``. Older versions beyond ``keep`` are removed afterwards. A kill before the
+    pointer is replaced leaves the previous version current; after, the new one."""
+    root = Path(root)
+    for file in filled.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(filled)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(filled, final)
+    fsync_dir(root)
+    previous = current_version(root)
+    write_text(root / POINTER_NAME, name + "\n")
+    versions = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != name]
+    old = sorted(versions, key=lambda p: p.stat().st_mtime)
+    for stale in old[: max(0, len(old) - (keep - 1))]:
+        if previous is None or stale.name != previous.name or keep <= 1:
+            shutil.rmtree(stale, ignore_errors=True)
+    for leftover in root.glob(".*"):  # unfinished versions of killed runs
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def current_version(root: str | os.PathLike) -> Path | None:
+    """The folder ``root/LATEST`` names, or None when nothing was published yet."""
+    pointer = Path(root) / POINTER_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        return None
+    folder = Path(root) / name
+    return folder if folder.is_dir() else None
