@@ -29,7 +29,7 @@ def test_per_image_prompts_equal_separate_calls(tiny_scorer, image_dir):
     assert np.allclose(paired, separate, atol=1e-5)
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
         tiny_scorer.score(prompts[:2], images)
-    with pytest.raises(TypeError, match="prompt #1 is int"):
+    with pytest.raises(rewardlab.UsageError, match="prompt #1 is int"):
         tiny_scorer.score(["ok", 5, "ok"], images)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..registry import ModelSpec
+from .base import RewardModel, row_count, take
 from .blip import BLIPBackbone, TextConfig, VisionConfig
 from .tokenizer import TextTokenizer, bert_tokenizer
 
@@ -32,7 +33,7 @@ def reward_head(width: int, kind: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class BlipReward(nn.Module):
+class BlipReward(RewardModel):
     """reward = (head(text_encoder([CLS] | image)) - mean) / std, computed in float32 after the backbone."""
 
     def __init__(self, vision: VisionConfig, text: TextConfig, head: str, mean: float = 0.0, std: float = 1.0):
@@ -44,17 +45,23 @@ class BlipReward(nn.Module):
         self.mean = float(mean)
         self.std = float(std)
 
-    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor], image_index: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Rewards of (image, text) rows. With ``image_index``, ``pixels`` holds distinct images and row i
-        uses ``pixels[image_index[i]]`` (each image is encoded once, e.g. for two captions of one image)."""
-        image_embeds = self.blip.visual_encoder(pixels)
-        if image_index is not None:
-            image_embeds = image_embeds[image_index]
-        cls = self.blip.text_encoder(text["input_ids"], text["attention_mask"], image_embeds)[:, 0]
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, 1 + patches, width) of the ViT."""
+        return self.blip.visual_encoder(pixels)
+
+    def score_features(self, image_features: torch.Tensor, text: dict[str, torch.Tensor],
+                       image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The text encoder cross-attends to each row's image, so it runs once per row."""
+        row_count(image_features.shape[0], text["input_ids"].shape[0], image_index, text_index)
+        ids, mask = take(text["input_ids"], text_index), take(text["attention_mask"], text_index)
+        cls = self.blip.text_encoder(ids, mask, take(image_features, image_index))[:, 0]
         with torch.autocast(device_type=cls.device.type, enabled=False):
             raw = self.mlp.layers(cls.float()).squeeze(-1)
         return (raw - self.mean) / self.std
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blip.visual_encoder.gradient_checkpointing = enable
+        self.blip.text_encoder.gradient_checkpointing = enable
 
 
 def build(spec: ModelSpec) -> BlipReward:

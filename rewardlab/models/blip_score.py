@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..registry import ModelSpec
+from .base import RewardModel, row_count, take
 from .blip import BLIPBackbone, TextConfig, VisionConfig
 
 # Parts of Salesforce's BLIP pretraining checkpoints (model_large.pth) that BLIPScore has no use for:
@@ -20,18 +20,25 @@ def drop_pretraining_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v for k, v in state.items() if not k.startswith(BLIP_DROPPED_PREFIXES) and k not in BLIP_DROPPED_KEYS}
 
 
-class BlipScore(nn.Module):
+class BlipScore(RewardModel):
     def __init__(self, vision: VisionConfig, text: TextConfig):
         super().__init__()
         self.blip = BLIPBackbone(vision, text)
 
-    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        image = F.normalize(self.blip.vision_proj(self.blip.visual_encoder(pixels)[:, 0]), dim=-1)
-        ids, mask = text["input_ids"], text["attention_mask"]
-        if ids.shape[0] > 1 and ids.stride(0) == 0:  # one prompt for the batch: encode it once
-            ids, mask = ids[:1], mask[:1]
-        words = F.normalize(self.blip.text_proj(self.blip.text_encoder(ids, mask)[:, 0]), dim=-1)
-        return (image.float() * words.float()).sum(-1)
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.blip.vision_proj(self.blip.visual_encoder(pixels)[:, 0]), dim=-1)
+
+    def score_features(self, image_features: torch.Tensor, text: dict[str, torch.Tensor],
+                       image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Each distinct text is encoded once (unimodal text encoder), then paired with its rows' images."""
+        row_count(image_features.shape[0], text["input_ids"].shape[0], image_index, text_index)
+        words = F.normalize(self.blip.text_proj(self.blip.text_encoder(text["input_ids"], text["attention_mask"])[:, 0]),
+                            dim=-1)
+        return (take(image_features, image_index).float() * take(words, text_index).float()).sum(-1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blip.visual_encoder.gradient_checkpointing = enable
+        self.blip.text_encoder.gradient_checkpointing = enable
 
 
 def build(spec: ModelSpec) -> BlipScore:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec
+from .base import RewardModel, row_count, take
 
 AESTHETIC_HEAD = (1024, 128, 64, 16, 1)
 
@@ -33,7 +34,7 @@ def clip_config(options: dict):
     return config
 
 
-class CLIPReward(nn.Module):
+class CLIPReward(RewardModel):
     """Image-text similarity of a CLIP model, or an aesthetic MLP on its normalised image embedding.
 
     ``output``: ``cosine``; ``clipscore`` (w·max(cos, 0)); ``logit`` (exp(logit_scale)·cos);
@@ -57,23 +58,25 @@ class CLIPReward(nn.Module):
             self.mlp = nn.Module()
             self.mlp.layers = nn.Sequential(*layers)  # keys layers.{0,2,4,6,7}, as the LAION predictor
 
-    def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected image embeddings (B, projection_dim)."""
         pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
         return F.normalize(self.clip.visual_projection(pooled), dim=-1)
 
-    def text_embeddings(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = text["input_ids"], text["attention_mask"]
-        if ids.shape[0] > 1 and ids.stride(0) == 0:  # one prompt expanded over the batch: encode it once
-            return self.text_embeddings({"input_ids": ids[:1], "attention_mask": mask[:1]}).expand(ids.shape[0], -1)
-        pooled = self.clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
+    def encode_texts(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised projected text embeddings (T, projection_dim)."""
+        pooled = self.clip.text_model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
-    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        image = self.image_embeddings(pixels)
+    def score_features(self, image_features: torch.Tensor, text: dict[str, torch.Tensor],
+                       image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Each distinct text is encoded once; rows combine embeddings (a product, no per-row tower)."""
+        row_count(image_features.shape[0], text["input_ids"].shape[0], image_index, text_index)
+        image = take(image_features, image_index)
         if self.output == "aesthetic":
             with torch.autocast(device_type=image.device.type, enabled=False):
                 return self.mlp.layers(image.float()).squeeze(-1)
-        cosine = (image.float() * self.text_embeddings(text).float()).sum(-1)
+        cosine = (image.float() * take(self.encode_texts(text), text_index).float()).sum(-1)
         if self.output == "cosine":
             return cosine
         if self.output == "clipscore":
@@ -81,6 +84,12 @@ class CLIPReward(nn.Module):
         if self.output == "logit":
             return self.clip.logit_scale.exp().float() * cosine
         raise ValueError(f"unknown CLIP output {self.output!r}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.clip.gradient_checkpointing_disable()
 
 
 def build(spec: ModelSpec) -> CLIPReward:
