@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-from .errors import UnknownModelError
+from .errors import CheckpointError, UnknownModelError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,6 +42,50 @@ class Preprocess:
     crop: str = "round"
     fit: str = "crop"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> Preprocess:
+        """Validated preprocessing settings (sizes bounded, names from the known sets)."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: preprocess must be an object")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{where}: unknown preprocess field(s) {', '.join(unknown)}")
+        values = {**asdict(cls()), **data}
+        size = values["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
+            raise CheckpointError(f"{where}: preprocess.size must be an integer in 8..1024, got {size!r}")
+        for key, allowed in (("resize", ("bicubic", "bilinear", "nearest")), ("backend", ("pil", "tensor")),
+                             ("crop", ("round", "floor")), ("fit", ("crop", "pad"))):
+            if values[key] not in allowed:
+                raise CheckpointError(f"{where}: preprocess.{key} must be one of {', '.join(allowed)}, "
+                                      f"got {values[key]!r}")
+        for key in ("mean", "std"):
+            triple = values[key]
+            if (not isinstance(triple, (list, tuple)) or len(triple) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in triple)):
+                raise CheckpointError(f"{where}: preprocess.{key} must be three finite numbers, got {triple!r}")
+            values[key] = tuple(float(v) for v in triple)
+        if min(values["std"]) <= 0:
+            raise CheckpointError(f"{where}: preprocess.std must be positive")
+        return cls(**values)
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    """The spec as JSON (what checkpoints embed)."""
+    return json.dumps(spec.to_dict())
+
+
+def spec_from_json(text: str, trusted: bool = True, where: str = "spec") -> ModelSpec:
+    """Parse and validate :func:`spec_to_json` output; see :meth:`ModelSpec.from_dict` for ``trusted``."""
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        raise CheckpointError(f"{where}: the embedded spec is not a string of at most 1 MB")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where}: the embedded spec is not valid JSON ({exc})") from None
+    return ModelSpec.from_dict(data, trusted=trusted, where=where)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -53,7 +100,48 @@ class ModelSpec:
     normalization: str = "none"  # human-readable description of the output transform
     licence: str = "unknown"
     description: str = ""
-    options: dict = field(default_factory=dict)  # architecture-specific build options
+    options: dict = field(default_factory=dict)  # architecture-specific build options (validated by the architecture)
+    backbone_sources: tuple[WeightSource, ...] = ()  # a second weight file (aesthetic: the CLIP backbone)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data of every field (derived from the dataclass, so no field is forgotten)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], trusted: bool = True, where: str = "spec") -> ModelSpec:
+        """Rebuild a spec from :meth:`to_dict` data, validating every field's type and range.
+
+        ``trusted=False`` (a spec embedded in a checkpoint file): download sources are dropped — a
+        checkpoint may describe its architecture and preprocessing, never where to download from."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: the model spec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{where}: unknown spec field(s) {', '.join(unknown)}",
+                                  "the checkpoint was written by a newer rewardlab or was edited")
+        values = dict(data)
+        for key in ("name", "architecture"):
+            if not isinstance(values.get(key), str) or not values[key] or len(values[key]) > 200:
+                raise CheckpointError(f"{where}: field {key!r} must be a non-empty string (≤ 200 characters)")
+        for key in ("normalization", "licence", "description"):
+            if key in values and not isinstance(values[key], str):
+                raise CheckpointError(f"{where}: field {key!r} must be a string")
+        max_tokens = values.get("max_tokens", 35)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 512:
+            raise CheckpointError(f"{where}: max_tokens must be an integer in 1..512, got {max_tokens!r}")
+        if not isinstance(values.get("uses_prompt", True), bool):
+            raise CheckpointError(f"{where}: uses_prompt must be true or false")
+        if not isinstance(values.get("options", {}), dict):
+            raise CheckpointError(f"{where}: options must be an object")
+        values["preprocess"] = Preprocess.from_dict(values.get("preprocess", {}), where)
+        if trusted:
+            values["sources"] = tuple(WeightSource(**s) for s in values.get("sources", ()))
+            values["backbone_sources"] = tuple(WeightSource(**s) for s in values.get("backbone_sources", ()))
+        else:
+            values["sources"] = ()
+            values["backbone_sources"] = ()
+        return cls(**values)
 
     def to_row(self) -> dict[str, str]:
         """A flat description for tables (`rewardlab models`)."""
@@ -182,8 +270,7 @@ register(ModelSpec(
     max_tokens=77, uses_prompt=False, normalization="MLP(L2-normalised CLIP image embedding); the prompt is ignored",
     licence="Apache-2.0 (predictor), MIT (CLIP)",
     description="LAION improved aesthetic predictor v2 on OpenAI CLIP ViT-L/14 image features.",
-    options={"clip": _VIT_L_14, "output": "aesthetic",
-             "backbone": {"kind": "hf", "location": "openai/clip-vit-large-patch14", "filename": "model.safetensors"}}))
+    options={"clip": _VIT_L_14, "output": "aesthetic"}, backbone_sources=(_OPENAI_L14,)))
 register(ModelSpec(
     name="hpsv2.1", architecture="clip", sources=(WeightSource("hf", "xswu/HPSv2", "HPS_v2.1_compressed.pt"),),
     preprocess=Preprocess(backend="tensor", fit="pad"),

@@ -24,7 +24,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_missing_weights_error_says_what_where_and_how(offline_hub):
     with pytest.raises(WeightsNotFoundError) as info:
-        resolve_weights(get_spec("cyclereward-t2i"))
+        resolve_weights("cyclereward-t2i", get_spec("cyclereward-t2i").sources)
     message = str(info.value)
     assert "model.safetensors from hub repo carolineec/CycleReward-T2I" in message
     assert "CycleReward-T2I.pth from hub repo carolineec/CycleReward-T2I" in message
@@ -38,7 +38,7 @@ def test_weights_found_in_hub_cache_offline(offline_hub):
     (snapshot / "ImageReward.pt").write_bytes(b"weights")
     (offline_hub / "models--THUDM--ImageReward" / "refs").mkdir()
     (offline_hub / "models--THUDM--ImageReward" / "refs" / "main").write_text("abc123")
-    path = resolve_weights(get_spec("imagereward-v1.0"))
+    path = resolve_weights("imagereward-v1.0", get_spec("imagereward-v1.0").sources)
     assert path.endswith("snapshots/abc123/ImageReward.pt")
 
 
@@ -46,9 +46,9 @@ def test_url_source_uses_cached_file_offline(offline_hub):
     cached = offline_hub / "rewardlab-url" / "CycleReward-I2T.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"weights")
-    assert resolve_weights(get_spec("cyclereward-i2t")) == str(cached)
+    assert resolve_weights("cyclereward-i2t", get_spec("cyclereward-i2t").sources) == str(cached)
 
 
 def test_explicit_checkpoint_must_exist(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="nothing.pt"):
-        resolve_weights(get_spec("imagereward-v1.0"), tmp_path / "nothing.pt")
+        resolve_weights("imagereward-v1.0", get_spec("imagereward-v1.0").sources, tmp_path / "nothing.pt")

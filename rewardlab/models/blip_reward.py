@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..registry import ModelSpec
 from .base import RewardModel, row_count, take
 from .blip import BLIPBackbone, TextConfig, VisionConfig
+from .options import BLIP_TEXT, BLIP_VISION, check_heads, check_keys, check_number, check_section
 from .tokenizer import TextTokenizer, bert_tokenizer
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
@@ -62,6 +64,27 @@ class BlipReward(RewardModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.blip.visual_encoder.gradient_checkpointing = enable
         self.blip.text_encoder.gradient_checkpointing = enable
+
+
+def validate(options: dict, where: str = "spec") -> None:
+    """Types and ranges of a BLIP-reward spec's options (see ``rewardlab.models.options``)."""
+    check_keys(where, options, {"head", "mean", "std", "vision", "text"}, {"head"})
+    if options["head"] not in ("linear", "gelu"):
+        raise CheckpointError(f"{where}: option head must be 'linear' or 'gelu', got {options['head']!r}")
+    check_number(where, "mean", options.get("mean", 0.0))
+    if check_number(where, "std", options.get("std", 1.0)) <= 0:
+        raise CheckpointError(f"{where}: option std must be positive")
+    validate_backbone(options, where)
+
+
+def validate_backbone(options: dict, where: str) -> None:
+    vision = check_section(where, "vision", options.get("vision", {}), BLIP_VISION)
+    text = check_section(where, "text", options.get("text", {}), BLIP_TEXT)
+    v, t = VisionConfig(**vision), TextConfig(**text)
+    check_heads(where, v.width, v.heads, "vision")
+    check_heads(where, t.hidden_size, t.heads, "text")
+    if v.image_size % v.patch_size:
+        raise CheckpointError(f"{where}: vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
 
 
 def build(spec: ModelSpec) -> BlipReward:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import CheckpointError
 from ..registry import ModelSpec
 from .base import RewardModel, row_count, take
 from .blip import BLIPBackbone, TextConfig, VisionConfig
+from .blip_reward import validate_backbone
+from .options import check_keys
 
 # Parts of Salesforce's BLIP pretraining checkpoints (model_large.pth) that BLIPScore has no use for:
 # momentum encoders and projections, the text decoder, the matching head, the queues and temperature.
@@ -41,11 +44,18 @@ class BlipScore(RewardModel):
         self.blip.text_encoder.gradient_checkpointing = enable
 
 
+def validate(options: dict, where: str = "spec") -> None:
+    check_keys(where, options, {"head", "vision", "text"})
+    if options.get("head", "itc") != "itc":
+        raise CheckpointError(f"{where}: option head must be 'itc' for BLIPScore")
+    validate_backbone(options, where)
+
+
 def build(spec: ModelSpec) -> BlipScore:
     return BlipScore(VisionConfig(**spec.options.get("vision", {})), TextConfig(**spec.options.get("text", {})))
 
 
-def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec, backbone: dict | None = None) -> dict[str, torch.Tensor]:
     """Salesforce layout (``visual_encoder.*``) -> ``blip.visual_encoder.*``, pretraining-only parts dropped."""
     if any(k.startswith("blip.") for k in state):
         return state

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
 from ..registry import ModelSpec
 from .base import RewardModel, row_count, take
+from .options import CLIP_TOWER, check_heads, check_keys, check_number, check_section
 
 AESTHETIC_HEAD = (1024, 128, 64, 16, 1)
 
@@ -92,6 +94,28 @@ class CLIPReward(RewardModel):
             self.clip.gradient_checkpointing_disable()
 
 
+OUTPUTS = ("cosine", "clipscore", "logit", "aesthetic")
+
+
+def validate(options: dict, where: str = "spec") -> None:
+    """Types and ranges of a CLIP-family spec's options."""
+    check_keys(where, options, {"clip", "output", "w", "text_cleaning"}, {"clip", "output"})
+    if options["output"] not in OUTPUTS:
+        raise CheckpointError(f"{where}: option output must be one of {', '.join(OUTPUTS)}, got {options['output']!r}")
+    if options.get("text_cleaning", "openai") not in ("openai", "none"):
+        raise CheckpointError(f"{where}: option text_cleaning must be 'openai' or 'none'")
+    check_number(where, "w", options.get("w", 1.0), 0.0, 100.0)
+    arch = options["clip"]
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{where}: option clip must be an object")
+    check_keys(where, arch, {"vision", "text", "projection_dim"}, {"vision", "text", "projection_dim"})
+    check_number(where, "clip.projection_dim", arch["projection_dim"], 8, 4096)
+    for tower in ("vision", "text"):
+        values = check_section(where, f"clip.{tower}", arch[tower], CLIP_TOWER)
+        if "hidden_size" in values and "num_attention_heads" in values:
+            check_heads(where, values["hidden_size"], values["num_attention_heads"], tower)
+
+
 def build(spec: ModelSpec) -> CLIPReward:
     return CLIPReward(spec.options)
 
@@ -141,18 +165,16 @@ def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") 
     return out
 
 
-def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Any accepted layout -> this module's keys. The aesthetic predictor's file holds only the MLP
-    (``layers.*``); its CLIP backbone weights come from ``spec.options["backbone"]``."""
-    if spec.options["output"] == "aesthetic" and all(k.startswith("layers.") for k in state):
-        from ..io.checkpoint import read_state_dict
-        from ..io.hub import resolve_weights
-        from ..registry import WeightSource
-
-        backbone = spec.options["backbone"]
-        source = WeightSource(backbone["kind"], backbone["location"], backbone["filename"])
-        clip_state = read_state_dict(resolve_weights(ModelSpec(f"{spec.name} backbone", "clip", (source,))))
-        return {**convert_openai_state(clip_state), **{f"mlp.{k}": v for k, v in state.items()}}
+def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec,
+                  backbone: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Any accepted layout -> this module's keys (renames only). The aesthetic predictor's own file holds only
+    the MLP (``layers.*``); the loader resolves the spec's ``backbone_sources`` and passes that state in."""
+    if spec.options["output"] == "aesthetic" and state and all(k.startswith("layers.") for k in state):
+        if backbone is None:
+            raise CheckpointError(f"{spec.name}: this file holds only the aesthetic predictor (layers.*)",
+                                  "load it as rewardlab.load('aesthetic-laion-v2', checkpoint=PATH) so the CLIP "
+                                  "backbone is fetched, or pass a full rewardlab checkpoint")
+        return {**convert_openai_state(backbone), **{f"mlp.{k}": v for k, v in state.items()}}
     return convert_openai_state(state)
 
 

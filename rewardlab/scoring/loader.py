@@ -1,120 +1,133 @@
-"""``rewardlab.load``: registry name or checkpoint path -> ready Scorer."""
+"""``rewardlab.load``: registry name or checkpoint path -> ready Scorer; ``save_checkpoint`` and ``convert``.
+
+Loading never wastes work or memory: the module is built with its parameters on the meta device (no
+random initialisation), the checkpoint is memory-mapped, every key and shape is checked before anything
+is allocated, and the checkpoint's tensors are adopted (``assign=True``) rather than copied. A spec
+embedded in a checkpoint is untrusted: it is validated field by field and may never name a download.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import CheckpointError, load_strict, read_state_dict
+from ..errors import CheckpointError
+from ..io.atomic import atomic_path
+from ..io.checkpoint import load_strict, read_checkpoint
 from ..io.hub import resolve_weights
-from ..models import blip_reward, get_architecture
-from ..registry import ModelSpec, Preprocess, get_spec
+from ..models import build_on_meta, detect_spec, get_architecture, validate_spec
+from ..registry import ModelSpec, get_spec, spec_from_json, spec_to_json
 from .scorer import Scorer, resolve_device, resolve_dtype
 
+logger = logging.getLogger(__name__)
+
 SPEC_METADATA_KEY = "rewardlab_spec"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+__all__ = ["load", "load_model", "save_checkpoint", "convert", "spec_to_json", "spec_from_json", "SPEC_METADATA_KEY"]
 
 
-def spec_to_json(spec: ModelSpec) -> str:
-    """Serialise the parts of a spec a checkpoint needs to be loaded back (architecture, options, ...)."""
-    return json.dumps({
-        "name": spec.name, "architecture": spec.architecture, "max_tokens": spec.max_tokens,
-        "uses_prompt": spec.uses_prompt, "normalization": spec.normalization, "licence": spec.licence,
-        "description": spec.description, "options": spec.options,
-        "preprocess": {"size": spec.preprocess.size, "resize": spec.preprocess.resize,
-                       "mean": list(spec.preprocess.mean), "std": list(spec.preprocess.std),
-                       "backend": spec.preprocess.backend, "crop": spec.preprocess.crop, "fit": spec.preprocess.fit},
-    })
-
-
-def spec_from_json(text: str) -> ModelSpec:
-    data = json.loads(text)
-    pre = data.pop("preprocess")
-    return ModelSpec(sources=(), preprocess=Preprocess(pre["size"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"]),
-                                                       pre.get("backend", "pil"), pre.get("crop", "round"),
-                                                       pre.get("fit", "crop")), **data)
-
-
-def _safetensors_spec(path: Path) -> ModelSpec | None:
-    if path.suffix != ".safetensors":
+def _embedded_spec(metadata: dict[str, str], path: Path) -> ModelSpec | None:
+    if SPEC_METADATA_KEY not in metadata:
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    return spec_from_json(meta[SPEC_METADATA_KEY]) if SPEC_METADATA_KEY in meta else None
+    spec = spec_from_json(metadata[SPEC_METADATA_KEY], trusted=False, where=f"{path} (embedded spec)")
+    validate_spec(spec, f"{path} (embedded spec)")
+    return spec
 
 
-def detect_spec(path: Path, state: dict[str, torch.Tensor]) -> ModelSpec:
-    """Work out which registered model a checkpoint is from its keys (or its embedded rewardlab spec)."""
-    embedded = _safetensors_spec(path)
-    if embedded is not None:
-        return embedded
-    head = blip_reward.detect(set(state))
-    if head == "linear":
-        return get_spec("imagereward-v1.0")
-    if head == "gelu":
-        return replace(get_spec("cyclereward-combo"), name=f"cyclereward:{path.stem}",
-                       description="CycleReward-architecture checkpoint")
-    from ..models import detect_other
+def _looks_like_path(name: str | os.PathLike, checkpoint) -> bool:
+    path = Path(name).expanduser()
+    return checkpoint is None and (path.is_file() or path.suffix in WEIGHT_SUFFIXES or os.sep in str(name))
 
-    spec = detect_other(state)
-    if spec is not None:
-        return spec
-    sample = ", ".join(sorted(state)[:8])
-    raise CheckpointError(f"cannot tell which model {path} is from its keys (first keys: {sample}); "
-                          "pass a registry name with checkpoint=PATH")
+
+def load_model(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | None = None
+               ) -> tuple[ModelSpec, torch.nn.Module, str, str]:
+    """(spec, module on CPU in eval mode, weights path, display label) for :func:`load` and the trainer."""
+    if isinstance(name, ModelSpec):
+        spec = name
+        validate_spec(spec)
+        weights = resolve_weights(spec.name, spec.sources, checkpoint)
+        state, _ = read_checkpoint(weights)
+        label = spec.name if checkpoint is None else f"{spec.name}@{Path(checkpoint).name}"
+    elif _looks_like_path(name, checkpoint):
+        path = Path(name).expanduser()
+        weights = str(path)
+        state, metadata = read_checkpoint(path)  # names the file when it is missing or unreadable
+        spec = _embedded_spec(metadata, path) or detect_spec(set(state), path.stem)
+        if spec is None:
+            sample = ", ".join(sorted(state)[:6])
+            raise CheckpointError(f"cannot tell which model {path} is from its keys (first keys: {sample})",
+                                  "pass a registry name with checkpoint=PATH (--model NAME --checkpoint PATH)")
+        label = path.name
+    else:
+        spec = get_spec(str(name))
+        weights = resolve_weights(spec.name, spec.sources, checkpoint)
+        state, metadata = read_checkpoint(weights)
+        embedded = _embedded_spec(metadata, Path(weights))
+        if embedded is not None:  # trusted download locations stay the registry's
+            spec = replace(embedded, name=spec.name, sources=spec.sources, backbone_sources=spec.backbone_sources)
+        label = spec.name if checkpoint is None else f"{spec.name}@{Path(checkpoint).name}"
+    arch = get_architecture(spec.architecture)
+    model = build_on_meta(spec)
+    load_strict(model, arch.convert(state, spec, _backbone_reader(spec)), weights, ignore=arch.ignored_keys, assign=True)
+    return spec, model.eval().requires_grad_(False), weights, label
+
+
+def _backbone_reader(spec: ModelSpec) -> Callable[[], dict[str, torch.Tensor]] | None:
+    """The second weight file (aesthetic: the CLIP backbone) from the registry's sources, read on demand."""
+    if not spec.backbone_sources:
+        return None
+    return lambda: read_checkpoint(resolve_weights(f"{spec.name} backbone", spec.backbone_sources))[0]
 
 
 def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Scorer:
     """Load a reward model as a :class:`Scorer`.
 
-    ``name`` is a registry name (``rewardlab.list_models()``), a checkpoint file whose architecture
-    is detected from its keys, or a :class:`ModelSpec` (custom configurations). Weights come from
-    ``checkpoint`` if given, else the huggingface_hub cache or a download. Every checkpoint key must match the model (missing/unexpected keys raise).
-    ``dtype``: fp32 (default on CPU: exact), bf16 (default on CUDA), fp16.
+    ``name`` is a registry name (``rewardlab.list_models()``), a checkpoint file whose architecture is
+    detected from its keys (or its embedded rewardlab spec), or a :class:`ModelSpec`. Weights come from
+    ``checkpoint`` if given, else the huggingface_hub cache or a download. Every checkpoint key must match the
+    model. ``dtype``: fp32 (default on CPU: exact), bf16 (default on CUDA), fp16.
     """
-    path_like = None if isinstance(name, ModelSpec) else Path(name).expanduser()
-    if path_like is None:
-        spec = name
-        weights = resolve_weights(spec, checkpoint)
-        state = read_state_dict(weights)
-    elif checkpoint is None and (path_like.is_file() or path_like.suffix in (".pt", ".pth", ".bin", ".safetensors")):
-        weights = str(path_like)
-        state = read_state_dict(weights)  # names the file when it is missing or unreadable
-        spec = detect_spec(path_like, state)
-    else:
-        spec = get_spec(str(name))
-        weights = resolve_weights(spec, checkpoint)
-        state = read_state_dict(weights)
-        embedded = _safetensors_spec(Path(weights))
-        if embedded is not None:
-            spec = replace(embedded, name=spec.name, sources=spec.sources)
+    resolved_device = resolve_device(device)  # options are checked before any file is read
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    spec, model, weights, label = load_model(name, checkpoint)
+    model.to(resolved_device)
     arch = get_architecture(spec.architecture)
-    model = arch.build(spec)
-    load_strict(model, arch.convert(state, spec), weights, ignore=arch.ignored_keys)
-    device = resolve_device(device)
-    model.eval().requires_grad_(False).to(device)
-    if path_like is not None and checkpoint is None and Path(weights) == path_like:
-        label = path_like.name
-    elif checkpoint is not None:
-        label = f"{spec.name}@{Path(checkpoint).name}"
-    else:
-        label = spec.name
-    return Scorer(spec, model, arch.tokenizer(spec), device, resolve_dtype(dtype, device), checkpoint=weights,
-                  label=label)
+    return Scorer(spec, model, arch.tokenizer(spec), resolved_device, resolved_dtype, checkpoint=weights, label=label)
 
 
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:
     """Save ``model`` as safetensors with ``spec`` embedded, so ``rewardlab.load(path)`` rebuilds it.
 
-    Keys are saved without any ``module.`` prefix (unwrap DDP/accelerate models before calling)."""
+    Written atomically (temporary file in the same folder, fsync, rename). Keys are saved without any
+    ``module.`` prefix. Non-finite weights are refused."""
     from safetensors.torch import save_file
 
     state = {k.removeprefix("module."): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        from ..errors import NonFiniteError
+
+        raise NonFiniteError(f"refusing to save {path}: non-finite values in {', '.join(bad[:5])}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={SPEC_METADATA_KEY: spec_to_json(spec)})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={SPEC_METADATA_KEY: spec_to_json(spec)})
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, model: str | None = None) -> ModelSpec:
+    """Write any supported checkpoint as a safetensors file with its spec embedded (the fastest to load).
+
+    ``model`` names the registry model when ``source`` cannot be recognised from its keys."""
+    if Path(output).suffix != ".safetensors":
+        raise CheckpointError(f"output {output} must end in .safetensors")
+    if Path(output).resolve() == Path(source).resolve():
+        raise CheckpointError(f"output {output} is the input file", "choose another output path")
+    spec, module, _, _ = load_model(model, checkpoint=source) if model else load_model(source)
+    save_checkpoint(module, spec, output)
+    return spec
