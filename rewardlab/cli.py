@@ -17,6 +17,7 @@ LAZY_COMMANDS = {
     "models": "rewardlab.scoring.cli:models_command",
     "score": "rewardlab.scoring.cli:score_command",
     "rank": "rewardlab.scoring.cli:rank_command",
+    "convert": "rewardlab.scoring.cli:convert_command",
     "eval": "rewardlab.eval.cli:eval_command",
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",

@@ -55,7 +55,7 @@ def test_eval_matches_official_logic_and_caches(dataset, tiny_checkpoint, tiny_s
     assert metrics["metrics"]["pairs"] == pairs == 3 * 5  # 6 pairs per prompt minus one tie
     assert metrics["metrics"]["accuracy"] == pytest.approx(expected, abs=1e-12)
     assert metrics["scored_now"] == 12
-    assert "accuracy" in result.output and "tiny-blip-reward" in result.output
+    assert "accuracy" in result.output and "tiny.safetensors" in result.output
 
     again = _run("--model", tiny_checkpoint, "--data", str(dataset / "test.json"), "--json", out, "--cache", cache)
     second = json.loads(out.read_text())["results"][0]
@@ -82,7 +82,7 @@ def test_two_models_and_html_report(dataset, tiny_checkpoint, tmp_path):
                   "--report", report, "--no-cache")
     assert result.exit_code == 0
     page = report.read_text()
-    assert page.count("<svg") == 2 and "tiny-gelu" in page and "tiny-blip-reward" in page
+    assert page.count("<svg") == 2 and "other.safetensors" in page and "tiny.safetensors" in page
     assert page.count("data:image/jpeg;base64") >= 3 * 4 and "Accuracy by images per prompt" in page
     assert "http://" not in page and "https://" not in page  # self-contained
 

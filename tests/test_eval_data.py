@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from rewardlab.data import DataError, load_imagereward, load_pairs, load_rankings
+from rewardlab.data import DataError, load_groups, load_imagereward, load_rankings
 from rewardlab.data.hf import load_hf
 
 
@@ -23,9 +23,13 @@ def test_pairs_labels_and_relative_paths(tmp_path):
             {"prompt": "p", "image_a": "a.png", "image_b": "b.png", "label": 1},
             {"prompt": "p", "image_a": "/abs/a.png", "image_b": "b.png", "label": "tie"}]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    groups = load_pairs(tmp_path / "pairs.jsonl")
-    assert [g.ranking for g in groups] == [[1, 2], [2, 1], [1, 1]]
+    with pytest.raises(DataError, match="pairs.jsonl line 3 image_a: image '/abs/a.png' is outside the data folder"):
+        load_groups(f"pairs:{tmp_path / 'pairs.jsonl'}")
+    groups = load_groups(f"pairs:{tmp_path / 'pairs.jsonl'}", allow_outside=True)
+    # a pair is a group of two, preferred first
+    assert [g.ranking for g in groups] == [[1, 2], [1, 2], [1, 1]]
     assert groups[0].images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert groups[1].images == [str(tmp_path / "b.png"), str(tmp_path / "a.png")]
     assert groups[2].images[0] == "/abs/a.png"
 
 
@@ -34,19 +38,19 @@ def test_parquet_rankings(tmp_path):
 
     pd.DataFrame({"prompt": ["x"], "images": [["1.png", "2.png", "3.png"]], "ranking": [[2, 1, 3]]}).to_parquet(
         tmp_path / "r.parquet")
-    (group,) = load_rankings(tmp_path / "r.parquet", image_root="/data")
+    (group,) = load_rankings(tmp_path / "r.parquet", image_root="/data", allow_outside=True)
     assert group.ranking == [2, 1, 3] and group.images[0] == "/data/1.png"
 
 
 def test_errors_name_file_row_and_field(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "p", "image_a": "a", "label": "a"}\n')
-    with pytest.raises(DataError, match=r"p.jsonl row 0: missing field\(s\) image_b"):
-        load_pairs(tmp_path / "p.jsonl")
+    with pytest.raises(DataError, match=r"p.jsonl line 1: unknown pair layout"):
+        load_groups(f"pairs:{tmp_path / 'p.jsonl'}")
     (tmp_path / "q.jsonl").write_text('{"prompt": "p", "image_a": "a", "image_b": "b", "label": "maybe"}\n')
     with pytest.raises(DataError, match="label 'maybe'"):
-        load_pairs(tmp_path / "q.jsonl")
+        load_groups(f"pairs:{tmp_path / 'q.jsonl'}")
     (tmp_path / "t.json").write_text(json.dumps([{"id": "x7", "prompt": "p", "generations": ["a", "b"], "ranking": [1]}]))
-    with pytest.raises(DataError, match="id x7.*ranking must be a list of 2"):
+    with pytest.raises(DataError, match="t.json item 1: ranking must be a list of 2"):
         load_imagereward(tmp_path / "t.json")
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(DataError, match="bad.jsonl line 1"):

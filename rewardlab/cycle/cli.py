@@ -115,7 +115,7 @@ def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device
         click.echo(f"shard {shard} done; build pairs with `rewardlab cycle pairs --manifest {out_dir} ...`")
         return
     with _user_errors():
-        stats, counts = export_pairs(out_dir, Path(out_dir) / "pairs",
+        stats, counts = export_pairs(out_dir, Path(out_dir),
                                      PairRules(True, margin, 0.4 if floor is None else floor), split_seed,
                                      formats or ("jsonl",))
     click.echo(_summary(stats, counts) + _errors(manifest))
@@ -156,7 +156,7 @@ def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, 
         return
     default_floor = 0.7 if distance.name == "dreamsim" else None
     with _user_errors():
-        stats, counts = export_pairs(out_dir, Path(out_dir) / "pairs",
+        stats, counts = export_pairs(out_dir, Path(out_dir),
                                      PairRules(False, margin, default_floor if floor is None else floor), split_seed,
                                      formats or ("jsonl",))
     click.echo(_summary(stats, counts) + _errors(manifest))

@@ -17,6 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import DataError
+from ..io.atomic import atomic_path, write_text
+from ..io.records import Record, read_records
 from .models import Captioner, Generator
 from .pairs import Candidate, PairRules, PairStats, assign_splits, build_pairs
 
@@ -97,25 +99,17 @@ def _safe(name: str) -> str:
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CycleInputError(f"{path} line {number}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise CycleInputError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    return rows
+    try:
+        return [(record.line, record.row) for record in read_records(path)]
+    except DataError as exc:
+        raise CycleInputError(exc.message, exc.hint) from None
 
 
 def _field(path: Path, number: int, row: dict, key: str) -> str:
-    value = row.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise CycleInputError(f"{path} line {number}: needs a non-empty string {key!r}; has {', '.join(sorted(row))}")
-    return value
+    try:
+        return Record(path, number, row).text(key)
+    except DataError as exc:
+        raise CycleInputError(exc.message, exc.hint) from None
 
 
 def _unique(path: Path, items: list[tuple[int, CycleInput]]) -> list[CycleInput]:
@@ -281,12 +275,14 @@ PAIR_FORMATS = ("jsonl", "parquet")
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
+    """Pair rows as Parquet or JSONL, written atomically; non-finite scores are refused by the JSON writer."""
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(rows, columns=list(rows[0]) if rows else ["input_id", "split"]).to_parquet(path, index=False)
+        with atomic_path(path) as tmp:
+            pd.DataFrame(rows, columns=list(rows[0]) if rows else ["input_id", "split"]).to_parquet(tmp, index=False)
     else:
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
 
 
 def export_pairs(manifest_path: str | Path, out_dir: str | Path, rules: PairRules, seed: int = 0,

@@ -7,7 +7,7 @@ lower is better, equal values are ties.
 
 from __future__ import annotations
 
-import json
+import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io.records import Record, read_records, resolve_image
 
 
 @dataclass
@@ -63,100 +64,48 @@ def count_pairs(groups: Iterable[Group]) -> tuple[int, int]:
     return untied, tied
 
 
-def _resolve(image: Any, root: Path | None) -> Any:
-    if isinstance(image, str) and root is not None and not Path(image).is_absolute():
-        return str(root / image)
-    return image
-
-
 def _check_ranking(ranking: Any, count: int, where: str) -> list[float]:
-    if not isinstance(ranking, list) or len(ranking) != count:
-        raise DataError(f"{where}: ranking must be a list of {count} numbers, got {ranking!r}")
+    if not isinstance(ranking, (list, tuple)) or len(ranking) != count:
+        raise DataError(f"{where}: ranking must be a list of {count} numbers, got {ranking!r:.120}")
     for value in ranking:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise DataError(f"{where}: ranking holds a non-number {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise DataError(f"{where}: ranking holds {value!r}, not a finite number",
+                            "rankings are finite numbers, lower is better")
     return [float(v) for v in ranking]
 
 
-def _require(row: dict, fields: Sequence[str], where: str) -> None:
-    missing = [f for f in fields if f not in row]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (has: {', '.join(sorted(row))})")
+def _images(record: Record, key: str, root: Path, allow_outside: bool) -> list[Any]:
+    values = record.row[key]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise record.error(f"{key!r} must be a non-empty list of images")
+    return [resolve_image(v, root, allow_outside, f"{record.where} {key}") for v in values]
 
 
-def load_imagereward(path: str | Path, image_root: str | Path | None = None) -> list[Group]:
+def load_imagereward(path: str | Path, image_root: str | Path | None = None, allow_outside: bool = False) -> list[Group]:
     """ImageRewardDB test format: a JSON list of ``{id, prompt, generations, ranking}``.
 
-    Generation paths are relative to ``image_root`` (default: the JSON file's folder).
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    try:
-        items = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    Generation paths are relative to ``image_root`` (default: the JSON file's folder)."""
+    records = read_records(path)
+    root = Path(image_root) if image_root else Path(path).parent
     groups = []
-    for n, item in enumerate(items):
-        where = f"{path} item {n} (id {item.get('id', '?')})" if isinstance(item, dict) else f"{path} item {n}"
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected an object")
-        _require(item, ("prompt", "generations", "ranking"), where)
-        generations = item["generations"]
-        ranking = _check_ranking(item["ranking"], len(generations), where)
-        groups.append(Group(str(item.get("id", n)), [item["prompt"]] * len(generations),
-                            [_resolve(g, root) for g in generations], ranking))
+    for record in records:
+        record.require("prompt", "generations", "ranking")
+        images = _images(record, "generations", root, allow_outside)
+        ranking = _check_ranking(record.row["ranking"], len(images), record.where)
+        groups.append(Group(str(record.row.get("id", record.line)), [record.text("prompt")] * len(images), images,
+                            ranking))
     return groups
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a Parquet or JSONL file as dicts; a bad JSON line is an error naming the file and line."""
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number}: not valid JSON ({exc})") from None
-    return rows
-
-
-_LABELS = {"a": (1.0, 2.0), "b": (2.0, 1.0), "tie": (1.0, 1.0), 0: (1.0, 2.0), 1: (2.0, 1.0), 0.5: (1.0, 1.0)}
-
-
-def load_pairs(path: str | Path, image_root: str | Path | None = None) -> list[Group]:
-    """Pair rows ``{prompt, image_a, image_b, label}`` from JSONL or Parquet.
-
-    ``label``: ``"a"`` or 0 (image_a preferred), ``"b"`` or 1 (image_b preferred), ``"tie"`` or 0.5.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    groups = []
-    for n, row in enumerate(read_rows(path)):
-        where = f"{path} row {n}"
-        _require(row, ("prompt", "image_a", "image_b", "label"), where)
-        label = row["label"]
-        label = label.lower() if isinstance(label, str) else label
-        if label not in _LABELS:
-            raise DataError(f"{where}: label {row['label']!r} is not one of 'a', 'b', 'tie', 0, 1, 0.5")
-        groups.append(Group(str(row.get("id", n)), [row["prompt"]] * 2,
-                            [_resolve(row["image_a"], root), _resolve(row["image_b"], root)], list(_LABELS[label])))
-    return groups
-
-
-def load_rankings(path: str | Path, image_root: str | Path | None = None) -> list[Group]:
+def load_rankings(path: str | Path, image_root: str | Path | None = None, allow_outside: bool = False) -> list[Group]:
     """Ranking rows ``{prompt, images, ranking}`` (lower is better) from JSONL or Parquet."""
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
+    root = Path(image_root) if image_root else Path(path).parent
     groups = []
-    for n, row in enumerate(read_rows(path)):
-        where = f"{path} row {n}"
-        _require(row, ("prompt", "images", "ranking"), where)
-        images = list(row["images"])
-        ranking = _check_ranking(list(row["ranking"]), len(images), where)
-        groups.append(Group(str(row.get("id", n)), [row["prompt"]] * len(images),
-                            [_resolve(i, root) for i in images], ranking))
+    for record in read_records(path):
+        record.require("prompt", "images", "ranking")
+        images = _images(record, "images", root, allow_outside)
+        ranking = _check_ranking(list(record.row["ranking"]) if isinstance(record.row["ranking"], (list, tuple))
+                                 else record.row["ranking"], len(images), record.where)
+        groups.append(Group(str(record.row.get("id", record.line)), [record.text("prompt")] * len(images), images,
+                            ranking))
     return groups

@@ -7,6 +7,7 @@ import io
 import os
 import sqlite3
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from PIL import Image
@@ -17,6 +18,8 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
     stat = os.stat(path)
+    if not S_ISREG(stat.st_mode):  # a FIFO or /dev/zero would block or never end
+        raise OSError(f"{path} is not a regular file")
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
         digest = hashlib.sha256()

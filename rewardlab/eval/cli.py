@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
-from ..data.groups import DataError, Group, load_imagereward, load_pairs, load_rankings
+from ..data.groups import Group
+from ..data.sources import load_groups
+from ..errors import UsageError
+from ..io.atomic import write_json
+from ..io.paths import check_output_path
+from ..io.records import read_records
+from ..io.safe_text import for_terminal
 
 DATA_HELP = """Dataset, as KIND:PATH. KIND is one of
 imagereward (test.json of ImageRewardDB), pairs (JSONL/Parquet of prompt,image_a,image_b,label),
@@ -19,28 +25,17 @@ generators (folder ROOT/<generator>/<prompt id>.png, with --prompts and optional
 A bare path ending in .json is read as imagereward."""
 
 
-def load_groups(spec: str, image_root: str | None = None, split: str = "test") -> list[Group]:
-    """Parse a ``--data`` spec into groups."""
-    kind, _, path = spec.partition(":") if ":" in spec else ("imagereward" if spec.endswith(".json") else "", "", spec)
-    if kind == "hf":
-        from ..data.hf import load_hf
-
-        layout, _, source = path.partition(":")
-        return load_hf(layout, source, split)
-    loaders = {"imagereward": load_imagereward, "pairs": load_pairs, "rankings": load_rankings}
-    if kind not in loaders:
-        raise click.BadParameter(f"unknown data kind {kind!r} in {spec!r}; see --help", param_hint="--data")
-    if not Path(path).exists():
-        raise click.BadParameter(f"{path} does not exist", param_hint="--data")
-    return loaders[kind](path, image_root)
-
-
 def generator_groups(root: str, prompts_file: str) -> tuple[list[Group], list[str]]:
     """One group per benchmark prompt holding each generator's image for it; returns (groups, generators)."""
-    prompts = {str(p["id"]): p["prompt"] for p in json.loads(Path(prompts_file).read_text())}
+    prompts = {}
+    for record in read_records(prompts_file):
+        record.require("id")
+        prompts[str(record.row["id"])] = record.text("prompt")
+    if not Path(root).is_dir():
+        raise UsageError(f"--data generators:{root}: not a folder")
     generators = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
     if not generators:
-        raise click.BadParameter(f"{root} has no generator sub-folders", param_hint="--data")
+        raise UsageError(f"--data generators:{root}: no generator sub-folders")
     groups = []
     for pid, prompt in prompts.items():
         images = []
@@ -49,6 +44,17 @@ def generator_groups(root: str, prompts_file: str) -> tuple[list[Group], list[st
             images.append(str(matches[0]) if matches else str(Path(root) / gen / f"{pid}.png"))
         groups.append(Group(pid, [prompt] * len(generators), images, [0.0] * len(generators)))
     return groups, generators
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: undefined metrics (e.g. no pairs) are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _table(results, extra) -> str:
@@ -87,6 +93,9 @@ def _table(results, extra) -> str:
 @click.option("--checkpoint", "checkpoints", multiple=True, help="Weights for the --model at the same position.")
 @click.option("--data", "-d", required=True, help="KIND:PATH (see above).")
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder the dataset's image paths are relative to.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Allow image paths that leave the data folder (../, absolute paths). Off by default: data files "
+                   "are untrusted and the report embeds the images it shows.")
 @click.option("--split", default="test", show_default=True, help="Split for hf: datasets.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="benchmark-prompts.json for generators: data.")
@@ -100,8 +109,8 @@ def _table(results, extra) -> str:
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
 @click.option("--no-progress", is_flag=True)
-def eval_command(models, checkpoints, data, image_root, split, prompts_file, human_ranking, report, json_out, cache,
-                 no_cache, batch_size, device, dtype, no_progress) -> None:
+def eval_command(models, checkpoints, data, image_root, allow_outside_root, split, prompts_file, human_ranking, report,
+                 json_out, cache, no_cache, batch_size, device, dtype, no_progress) -> None:
     from .. import load
     from .cache import ScoreCache
     from .metrics import rank_generators
@@ -109,16 +118,18 @@ def eval_command(models, checkpoints, data, image_root, split, prompts_file, hum
 
     if checkpoints and len(checkpoints) != len(models):
         raise click.UsageError("give one --checkpoint per --model (in the same order), or none")
+    if batch_size is not None and batch_size < 1:
+        raise click.BadParameter(f"{batch_size} is not a positive integer", param_hint="--batch-size")
+    for option, target in (("--report", report), ("--json", json_out)):
+        if target:
+            check_output_path(target, option)
     generators = None
-    try:
-        if data.startswith("generators:"):
-            if not prompts_file:
-                raise click.UsageError("generators: data needs --prompts benchmark-prompts.json")
-            groups, generators = generator_groups(data.partition(":")[2], prompts_file)
-        else:
-            groups = load_groups(data, image_root, split)
-    except DataError as exc:
-        raise click.ClickException(str(exc)) from None
+    if data.startswith("generators:"):
+        if not prompts_file:
+            raise click.UsageError("generators: data needs --prompts benchmark-prompts.json")
+        groups, generators = generator_groups(data.partition(":")[2], prompts_file)
+    else:
+        groups = load_groups(data, image_root, split, allow_outside_root)
     store = None if no_cache else ScoreCache(cache)
     results, extra = [], {}
     human = {str(k): float(v) for k, v in json.loads(Path(human_ranking).read_text()).items()} if human_ranking else None
@@ -133,13 +144,13 @@ def eval_command(models, checkpoints, data, image_root, split, prompts_file, hum
                 means[gen] = sum(values) / len(values) if values else float("nan")
             extra[result.model] = rank_generators(means, human)
         for message in result.errors:
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {for_terminal(message)}", err=True)
     click.echo(_table(results, extra), nl=False)
     if json_out:
-        Path(json_out).write_text(json.dumps({"data": data, "results": [
+        write_json(json_out, _finite_or_none({"data": data, "results": [
             {"model": r.model, "metrics": r.metrics, "by_group_size": {str(k): v for k, v in r.by_group_size.items()},
              "errors": r.errors, "scored_now": r.scored, **({"generators": extra[r.model]} if r.model in extra else {})}
-            for r in results]}, indent=1))
+            for r in results]}))
     if report:
         from .report import write_report
 

@@ -121,4 +121,7 @@ def render_report(results: list[EvalResult], groups: list[Group], title: str = "
 
 
 def write_report(path: str | Path, *args, **kwargs) -> None:
-    Path(path).write_text(render_report(*args, **kwargs), encoding="utf-8")
+    """Render and write the report atomically."""
+    from ..io.atomic import write_text
+
+    write_text(path, render_report(*args, **kwargs))

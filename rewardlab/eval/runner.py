@@ -77,5 +77,5 @@ def evaluate(scorer, groups: list[Group], cache: ScoreCache | None = None, batch
             accuracy.update(scores[g], group.ranking)
             selection.update(scores[g], group.ranking)
     messages = [f"group {groups[g].group_id}: {message}" for (g, _), message in sorted(errors.items())]
-    return EvalResult(scorer.name, {**accuracy.compute(), **selection.compute()}, accuracy.by_group_size(),
+    return EvalResult(getattr(scorer, "label", scorer.name), {**accuracy.compute(), **selection.compute()}, accuracy.by_group_size(),
                       scores, messages, len(bad_groups), scored)

@@ -36,7 +36,11 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageLoadError(name, "float array contains NaN or inf")
-        return Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if low < 0.0 or high > 1.0:
+            hint = "divide 0-255 values by 255" if high > 1.0 and low >= 0.0 else "map [-1, 1] images with (x + 1) / 2"
+            raise ImageLoadError(name, f"float array spans [{low:.3g}, {high:.3g}], outside [0, 1]", hint)
+        return Image.fromarray((array * 255.0 + 0.5).astype(np.uint8))
     if array.dtype == np.uint16:
         return Image.fromarray(((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
     if array.dtype == bool:

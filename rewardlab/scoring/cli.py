@@ -13,7 +13,14 @@ from pathlib import Path
 
 import click
 
+from ..errors import ImageLoadError, UsageError
+from ..io.atomic import write_json, write_text
 from ..io.images import expand_paths
+from ..io.paths import check_output_path
+from ..io.png_text import set_png_text
+from ..io.records import read_records, resolve_image
+from ..io.safe_text import csv_cell, for_terminal
+from .scorer import ranks_from_scores
 
 
 @dataclass
@@ -59,21 +66,25 @@ def _scoring_options(func: Callable) -> Callable:
     options = [
         click.argument("images", nargs=-1, type=click.Path()),
         click.option("--prompt", "-p", help="Prompt for every image."),
-        click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False),
-                     help="JSONL with one {\"prompt\": ..., \"image\": ...} object per line."),
+        click.option("--prompts-file", type=click.Path(dir_okay=False),
+                     help="JSONL with one {\"prompt\": ..., \"image\": ...} object per line (image paths relative "
+                          "to the file's folder)."),
+        click.option("--allow-outside-root", is_flag=True,
+                     help="Allow --prompts-file image paths outside the file's folder (../, absolute paths)."),
         click.option("--model", "-m", default="imagereward-v1.0", show_default=True,
                      help="Registry name (see `rewardlab models`) or a checkpoint path."),
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file."),
-        click.option("--batch-size", "-b", type=int, default=None, help="Images per forward pass."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights file."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=None, help="Images per forward pass."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="Compute precision (default: fp32 on CPU, bf16 on CUDA)."),
         click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True),
         click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results here instead of stdout."),
         click.option("--min-score", type=float, default=None, help="Keep only images scoring at least this."),
-        click.option("--top-k", type=int, default=None, help="Keep only the K best images per prompt."),
+        click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K best images per prompt."),
         click.option("--write-metadata", is_flag=True,
-                     help="Store the score in each PNG's text chunks (other formats: a .rewardlab.json sidecar)."),
+                     help="Store the score in each PNG's text chunks, keeping every other chunk byte for byte "
+                          "(other formats and animated PNGs: a .rewardlab.json sidecar)."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
     ]
     for option in reversed(options):
@@ -81,20 +92,19 @@ def _scoring_options(func: Callable) -> Callable:
     return func
 
 
-def _read_jobs(prompt: str | None, prompts_file: str | None, images: tuple[str, ...]) -> list[tuple[str, str]]:
+def _read_jobs(prompt: str | None, prompts_file: str | None, images: tuple[str, ...], allow_outside: bool
+               ) -> list[tuple[str, str]]:
     """(prompt, image) pairs from the arguments, in input order."""
     if prompts_file:
         if prompt or images:
             raise click.UsageError("use either --prompts-file or --prompt with IMAGES, not both")
         jobs = []
-        for number, line in enumerate(Path(prompts_file).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                jobs.append((str(row["prompt"]), str(row["image"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise click.UsageError(f"{prompts_file} line {number}: expected {{\"prompt\", \"image\"}} ({exc})") from None
+        root = Path(prompts_file).parent
+        for record in read_records(prompts_file):
+            image = resolve_image(record.text("image"), root, allow_outside, f"{record.where} image")
+            jobs.append((record.text("prompt"), image))
+        if not jobs:
+            raise UsageError(f"--prompts-file {prompts_file} holds no rows")
         return jobs
     if prompt is None:
         raise click.UsageError("give --prompt TEXT with IMAGES, or --prompts-file FILE")
@@ -107,7 +117,6 @@ def _read_jobs(prompt: str | None, prompts_file: str | None, images: tuple[str, 
 def _score_jobs(jobs: list[tuple[str, str]], model: str, checkpoint, batch_size, device, dtype, progress: bool
                 ) -> tuple[list[Row], str]:
     from .. import load
-    from .scorer import ranks_from_scores
 
     scorer = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
     groups: dict[str, list[int]] = {}
@@ -120,29 +129,32 @@ def _score_jobs(jobs: list[tuple[str, str]], model: str, checkpoint, batch_size,
         ranks, _ = ranks_from_scores([rows[i].score for i in members])
         for i, rank in zip(members, ranks, strict=True):
             rows[i].rank = rank
-    return rows, scorer.name
+    return rows, scorer.label
 
 
-def _write_metadata(row: Row, model: str) -> None:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
+def _write_metadata(row: Row, model: str) -> str | None:
+    """Store the score next to the image: inside a PNG (faithfully) or in a sidecar. Returns a warning or None."""
     path = Path(row.image)
     key = f"rewardlab:{model}"
     if path.suffix.lower() == ".png":
-        with Image.open(path) as image:
-            image.load()
-            info = PngInfo()
-            for name, value in image.text.items():
-                if name != key:
-                    info.add_text(name, value)
-            info.add_text(key, f"{row.score:.6f}")
-            image.save(path, pnginfo=info)
+        try:
+            set_png_text(path, key, f"{row.score:.6f}")
+            return None
+        except ImageLoadError as exc:
+            warning = f"{exc.message}; wrote a sidecar instead"
     else:
-        sidecar = path.with_name(path.name + ".rewardlab.json")
-        data = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-        data[model] = row.score
-        sidecar.write_text(json.dumps(data, indent=1))
+        warning = None
+    sidecar = path.with_name(path.name + ".rewardlab.json")
+    data = {}
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = {}
+    data = data if isinstance(data, dict) else {}
+    data[model] = row.score
+    write_json(sidecar, data)
+    return warning
 
 
 def _emit(rows: list[Row], fmt: str, output: str | None, show_rank: bool) -> None:
@@ -153,10 +165,11 @@ def _emit(rows: list[Row], fmt: str, output: str | None, show_rank: bool) -> Non
         fields = ["image", "prompt", "score"] + (["rank"] if show_rank else []) + ["error"]
         writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r.as_dict() for r in rows)
+        writer.writerows({k: csv_cell(v) for k, v in r.as_dict().items()} for r in rows)
         text = buffer.getvalue()
     else:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table()
@@ -166,27 +179,36 @@ def _emit(rows: list[Row], fmt: str, output: str | None, show_rank: bool) -> Non
             table.add_column(column, justify="right" if column == "score" else "left", overflow="fold")
         for r in rows:
             score = "error" if r.error else f"{r.score:.4f}"
-            table.add_row(*([str(r.rank)] if show_rank else []), score, r.image, r.prompt)
+            table.add_row(*([str(r.rank)] if show_rank else []), score, escape(for_terminal(r.image)),
+                          escape(for_terminal(r.prompt)))
         buffer = io.StringIO()
         Console(file=buffer, width=160).print(table)
         text = buffer.getvalue()
     if output:
-        Path(output).write_text(text)
+        write_text(output, text)
     else:
         click.echo(text, nl=False)
 
 
-def _run(ranked: bool, images, prompt, prompts_file, model, checkpoint, batch_size, device, dtype, fmt, output,
-         min_score, top_k, write_metadata, no_progress) -> None:
-    jobs = _read_jobs(prompt, prompts_file, images)
+def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, checkpoint, batch_size, device, dtype,
+         fmt, output, min_score, top_k, write_metadata, no_progress) -> None:
+    if min_score is not None and not math.isfinite(min_score):
+        raise click.BadParameter(f"{min_score} is not a finite number", param_hint="--min-score")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise click.BadParameter(f"{checkpoint} is not a file", param_hint="--checkpoint")
+    jobs = _read_jobs(prompt, prompts_file, images, allow_outside_root)
+    if output:
+        check_output_path(output, "--output", [image for _, image in jobs] + ([prompts_file] if prompts_file else []))
     rows, model_name = _score_jobs(jobs, model, checkpoint, batch_size, device, dtype, progress=not no_progress)
     failed = [r for r in rows if r.error]
     for r in failed:
-        click.echo(f"error: {r.error}", err=True)
+        click.echo(f"error: {for_terminal(r.error)}", err=True)
     if write_metadata:
         for r in rows:
             if not r.error:
-                _write_metadata(r, model_name)
+                warning = _write_metadata(r, model_name)
+                if warning:
+                    click.echo(f"warning: {for_terminal(warning)}", err=True)
     kept = [r for r in rows if not r.error]
     if min_score is not None:
         kept = [r for r in kept if r.score >= min_score]
@@ -212,3 +234,18 @@ def score_command(**kwargs) -> None:
 def rank_command(**kwargs) -> None:
     """Rank IMAGES for each prompt, best first (rank 1 = best)."""
     _run(True, **kwargs)
+
+
+@click.command("convert")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--model", "-m", default=None,
+              help="Registry name, when the checkpoint cannot be recognised from its keys (e.g. CycleReward-T2I).")
+def convert_command(checkpoint: str, output: str, model: str | None) -> None:
+    """Write CHECKPOINT (.pt/.pth/.bin/.safetensors) as OUTPUT.safetensors with its spec embedded: the fastest
+    file to load (memory-mapped, no architecture detection)."""
+    from .loader import convert
+
+    check_output_path(output, "OUTPUT", [checkpoint])
+    spec = convert(checkpoint, output, model)
+    click.echo(f"wrote {for_terminal(output)} ({spec.name}); load it with rewardlab.load({str(output)!r})")

@@ -69,6 +69,10 @@ def load_model(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLik
         weights = resolve_weights(spec.name, spec.sources, checkpoint)
         state, metadata = read_checkpoint(weights)
         embedded = _embedded_spec(metadata, Path(weights))
+        if embedded is not None and embedded.architecture != spec.architecture:
+            raise CheckpointError(f"checkpoint {weights} holds a {embedded.architecture} model ({embedded.name}), "
+                                  f"not a {spec.architecture} model as {spec.name} is",
+                                  "pass the matching registry name, or load the file by its path alone")
         if embedded is not None:  # trusted download locations stay the registry's
             spec = replace(embedded, name=spec.name, sources=spec.sources, backbone_sources=spec.backbone_sources)
         label = spec.name if checkpoint is None else f"{spec.name}@{Path(checkpoint).name}"

@@ -1,6 +1,7 @@
 """Training reward models from preference pairs (Bradley–Terry, freeze-ratio recipes, accelerate)."""
 
-from .data import Pair, load_pair_file, load_training_pairs, pairs_from_groups, split_by_group
+from ..data.sources import pairs_from_groups
+from .data import Pair, load_pair_file, load_training_pairs, split_by_group
 from .freeze import freeze_backbone, freeze_ratio, trainable_summary
 from .loss import bradley_terry_loss
 
