@@ -103,6 +103,10 @@ class FinetuneConfig:
     seed: int = 0
     cpu: bool = False
 
+    def __post_init__(self) -> None:
+        if self.pretrain_loss == "no":  # YAML reads a bare `off` as False
+            self.pretrain_loss = "off"
+
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
         config = config_from_yaml(cls, path, overrides)
