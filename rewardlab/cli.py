@@ -21,6 +21,7 @@ LAZY_COMMANDS = {
     "eval": "rewardlab.eval.cli:eval_command",
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",
+    "finetune": "rewardlab.align.cli:finetune_command",
 }
 
 

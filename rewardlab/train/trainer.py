@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..eval.metrics import PairwiseAccuracy
+from ..io.config import config_from_yaml
 from ..io.images import open_image
 from ..models import get_architecture
 from ..registry import ModelSpec, get_spec
@@ -57,35 +57,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-        values = yaml.safe_load(Path(path).read_text()) if path else {}
-        values = values or {}
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or key not in known:
-                raise ValueError(f"bad override {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
-            values[key] = yaml.safe_load(raw)
-        for key in ("data", "valid_data", "log_with"):
-            if isinstance(values.get(key), str):
-                values[key] = [values[key]]
-        return cls(**{key: _coerce(key, value, known[key].type) for key, value in values.items()})
-
-
-def _coerce(key: str, value, kind: str):
-    """YAML 1.1 reads ``2e-5`` as a string and ``no`` as False: give each setting its declared type."""
-    try:
-        if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "int" and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"setting {key}: {value!r} is not a number") from None
-    if kind.startswith("str") and isinstance(value, bool):
-        return "yes" if value else "no"
-    return value
+        return config_from_yaml(cls, path, overrides)
 
 
 class PairBatcher:
