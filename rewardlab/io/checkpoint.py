@@ -64,15 +64,19 @@ def load_strict(
     state: Mapping[str, torch.Tensor],
     source: str,
     ignore: tuple[str, ...] = (),
-) -> None:
+    allow_missing: tuple[str, ...] = (),
+) -> list[str]:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error naming it.
 
     Keys that end with one of ``ignore`` (non-persistent buffers such as ``position_ids``) are dropped
-    from the checkpoint first.
+    from the checkpoint first. Model keys that start with one of ``allow_missing`` (a fresh head when
+    initialising from a backbone checkpoint) may be absent: they keep their current values. Returns the
+    model keys that were left as they were.
     """
     state = {k: v for k, v in state.items() if not k.endswith(ignore)} if ignore else dict(state)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    kept = sorted(k for k in set(expected) - set(state) if allow_missing and k.startswith(allow_missing))
+    missing = sorted(set(expected) - set(state) - set(kept))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
         f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
@@ -88,4 +92,5 @@ def load_strict(
         problems.append(f"shape mismatch: {_summarise(wrong_shape)}")
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not kept)
+    return kept

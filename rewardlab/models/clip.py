@@ -7,6 +7,7 @@ transformers' names by :func:`convert_openai_state`; transformers checkpoints lo
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import unicodedata
 from functools import cache
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec
-from .base import RewardModel, row_count, take
+from .base import RewardModel, Tower, row_count, take
 
 AESTHETIC_HEAD = (1024, 128, 64, 16, 1)
 
@@ -90,6 +91,42 @@ class CLIPReward(RewardModel):
             self.clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.clip.gradient_checkpointing_disable()
+
+    # -- training hooks ------------------------------------------------------------------------------
+    def towers(self) -> dict[str, Tower]:
+        """Vision: patch/class/position embeddings and the pre-norm, then the encoder layers (open_clip's
+        ``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``, ``resblocks``); text: token
+        and position embeddings, then the layers."""
+        vision, text = self.clip.vision_model, self.clip.text_model
+        return {"vision": Tower([vision.embeddings, vision.pre_layrnorm], vision.encoder.layers),
+                "text": Tower([text.embeddings], text.encoder.layers)}
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        if self.output == "aesthetic":
+            return ("mlp.",)
+        return ("clip.visual_projection.", "clip.text_projection.", "clip.logit_scale")
+
+    def is_unused(self, name: str) -> bool:
+        """The aesthetic predictor ignores the prompt: the text tower and the logit scale are unused."""
+        return self.output == "aesthetic" and name.startswith(("clip.text_model.", "clip.text_projection.",
+                                                                "clip.logit_scale"))
+
+    def preference_scale(self) -> torch.Tensor | float:
+        """Cosine outputs: ``exp(logit_scale)`` (at most 100), the temperature of the contrastive
+        preference losses HPS v2 and PickScore were trained with; logits and aesthetic scores: 1."""
+        if self.output in ("cosine", "clipscore"):
+            return self.clip.logit_scale.clamp(max=math.log(100)).exp().float()
+        return 1.0
+
+    def init_from_pretrained(self, path) -> str:
+        """An OpenAI CLIP / open_clip (``visual.conv1.weight`` ...) or transformers ``CLIPModel`` checkpoint
+        into both towers, projections and logit scale; the aesthetic MLP keeps its fresh weights."""
+        from ..io.checkpoint import load_strict, read_state_dict
+
+        state = convert_openai_state(read_state_dict(path))
+        kept = load_strict(self, state, str(path), ignore=("position_ids",),
+                           allow_missing=("mlp.",) if self.output == "aesthetic" else ())
+        return f"CLIP checkpoint {path}" + (f" ({len(kept)} head tensors freshly initialised)" if kept else "")
 
 
 def build(spec: ModelSpec) -> CLIPReward:

@@ -112,9 +112,17 @@ def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | No
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:
     """Save ``model`` as safetensors with ``spec`` embedded, so ``rewardlab.load(path)`` rebuilds it.
 
-    Keys are saved without any ``module.`` prefix (unwrap DDP/accelerate models before calling)."""
-    from safetensors.torch import save_file
+    Keys are saved without any ``module.`` prefix (unwrap DDP/accelerate models before calling). The file is
+    written to a temporary file in the same folder and renamed over ``path`` (a kill leaves the old file or
+    the new one); weights with NaN or infinite values are refused."""
+    from safetensors.torch import save
+
+    from ..errors import NonFiniteError
+    from ..io.atomic import write_bytes
 
     state = {k.removeprefix("module."): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"refusing to save {path}: non-finite weights in {', '.join(bad[:5])}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={SPEC_METADATA_KEY: spec_to_json(spec)})
+    write_bytes(path, save(state, metadata={SPEC_METADATA_KEY: spec_to_json(spec)}))

@@ -70,21 +70,23 @@ def load_pair_file(path: str | Path, image_root: str | Path | None = None) -> li
     return pairs
 
 
-def load_training_pairs(spec: str, image_root: str | None = None, split: str = "train") -> list[Pair]:
+def load_training_pairs(spec: str, image_root: str | None = None, split: str = "train",
+                        include_ties: bool = False) -> list[Pair]:
     """``KIND:PATH`` with KIND in pairs (pair file), imagereward (ranking JSON), rankings (JSONL),
-    hf:LAYOUT:SOURCE (see ``rewardlab.data.hf``)."""
+    hf:LAYOUT:SOURCE (see ``rewardlab.data.hf``). Rankings give all their ordered pairs, and their tied
+    pairs too with ``include_ties``."""
     kind, _, path = spec.partition(":")
     if kind == "pairs":
         return load_pair_file(path, image_root)
     if kind == "imagereward":
-        return pairs_from_groups(load_imagereward(path, image_root))
+        return pairs_from_groups(load_imagereward(path, image_root), include_ties)
     if kind == "rankings":
-        return pairs_from_groups(load_rankings(path, image_root))
+        return pairs_from_groups(load_rankings(path, image_root), include_ties)
     if kind == "hf":
         from ..data.hf import load_hf
 
         layout, _, source = path.partition(":")
-        return pairs_from_groups(load_hf(layout, source, split))
+        return pairs_from_groups(load_hf(layout, source, split), include_ties)
     raise DataError(f"unknown training data kind {kind!r} in {spec!r} (pairs, imagereward, rankings, hf)")
 
 
