@@ -87,8 +87,13 @@ class CLIPReward(RewardModel):
         raise ValueError(f"unknown CLIP output {self.output!r}")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        modern = hasattr(self.clip, "activation_checkpointing_enable")  # transformers 5.x; gradient_* before
+        if enable and modern:
+            self.clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enable:
             self.clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif modern:
+            self.clip.activation_checkpointing_disable()
         else:
             self.clip.gradient_checkpointing_disable()
 
@@ -121,9 +126,13 @@ class CLIPReward(RewardModel):
     def init_from_pretrained(self, path) -> str:
         """An OpenAI CLIP / open_clip (``visual.conv1.weight`` ...) or transformers ``CLIPModel`` checkpoint
         into both towers, projections and logit scale; the aesthetic MLP keeps its fresh weights."""
+        from ..errors import CheckpointError
         from ..io.checkpoint import load_strict, read_state_dict
 
-        state = convert_openai_state(read_state_dict(path))
+        try:
+            state = convert_openai_state(read_state_dict(path))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc.message}", exc.hint) from None
         kept = load_strict(self, state, str(path), ignore=("position_ids",),
                            allow_missing=("mlp.",) if self.output == "aesthetic" else ())
         return f"CLIP checkpoint {path}" + (f" ({len(kept)} head tensors freshly initialised)" if kept else "")
@@ -135,11 +144,34 @@ def build(spec: ModelSpec) -> CLIPReward:
 
 # -- checkpoint conversion --------------------------------------------------------------------------
 
+# Scalars OpenAI's JIT archives keep next to the weights (the reference loader deletes them too).
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class _Recorded(dict):
+    """A dict that remembers which keys were read."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"OpenAI/open_clip-layout CLIP checkpoint lacks {key!r}") from None
+
+
 def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") -> dict[str, torch.Tensor]:
     """OpenAI CLIP / open_clip state dict -> transformers ``CLIPModel`` names (fused qkv split, projections
-    transposed). Keys already in transformers' layout pass through with ``prefix`` added."""
+    transposed). Keys already in transformers' layout pass through with ``prefix`` added; keys the mapping
+    does not know are kept (prefixed), so strict loading reports them instead of dropping them silently."""
     if "visual.conv1.weight" not in state:
         return {(k if k.startswith(prefix) or k.startswith("mlp.") else prefix + k): v for k, v in state.items()}
+    state = _Recorded(state)
     out: dict[str, torch.Tensor] = {}
 
     def tower(src: str, dst: str) -> None:
@@ -175,6 +207,8 @@ def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") 
         f"{prefix}logit_scale": state["logit_scale"],
     })
     out.update({k: v for k, v in state.items() if k.startswith("mlp.")})
+    out.update({prefix + k: v for k, v in state.items()
+                if k not in state.used and not k.startswith("mlp.") and k not in OPENAI_METADATA_KEYS})
     return out
 
 
