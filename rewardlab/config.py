@@ -128,17 +128,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(item: str, known: Iterable[str]) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> (key, YAML-parsed value)."""
+def _is_text(kind: Any) -> bool:
+    """Whether a setting of type ``kind`` holds text (``str`` or ``str | None``)."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    return str in options and all(o in (str, type(None)) for o in options)
+
+
+def parse_override(item: str, types_: Mapping[str, Any]) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value): YAML-parsed (numbers, lists, mappings, true/false), except that text
+    settings take VALUE as written (a JSON spec, a path with ``:``), ``null`` meaning None."""
     import yaml
 
     key, sep, raw = item.partition("=")
     key = key.strip()
-    known = list(known)
     if not sep or not key:
         raise ConfigError(f"bad override {item!r}: expected KEY=VALUE")
-    if key not in known:
-        raise _unknown(key, known, f"override {item!r}")
+    if key not in types_:
+        raise _unknown(key, types_, f"override {item!r}")
+    if _is_text(types_[key]):
+        return key, None if raw.strip() in ("null", "~") and type(None) in typing.get_args(types_[key]) else raw
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -205,6 +205,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.config = config
+        if train_pairs is None:  # data errors surface before any model is built
+            train_pairs, valid_pairs = self._load_data()
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=config.cpu,
@@ -224,8 +226,6 @@ class Trainer:
         if config.gradient_checkpointing:
             model.set_grad_checkpointing(True)
         self.trainable = model.trainable_summary()
-        if train_pairs is None:
-            train_pairs, valid_pairs = self._load_data()
         self.train_sources = train_pairs
         self.valid_pairs = valid_pairs or []
         self.fingerprint = data_fingerprint(self.train_sources, self.valid_pairs)
@@ -442,7 +442,7 @@ class Trainer:
                     loss = self._pair_loss(out, pairs)
                     if not torch.isfinite(loss.detach()):
                         raise NonFiniteError(
-                            f"training loss is {float(loss)} at step {step + 1} (micro-batch {k})",
+                            f"training loss is {float(loss.detach())} at step {step + 1} (micro-batch {k})",
                             f"lower lr (now {c.lr}), use fp32, or check the data; nothing was saved from this step "
                             f"and the last saved state in {self.state_root} is intact")
                     self.accelerator.backward(loss)
