@@ -14,13 +14,14 @@ from conftest import REPO, official_python
 import rewardlab
 from rewardlab.cli import cli
 from rewardlab.data import Group
+from rewardlab.io.atomic import current_version
 from rewardlab.io.checkpoint import CheckpointError, read_state_dict
 from rewardlab.models import get_architecture
 from rewardlab.registry import get_spec
 from rewardlab.scoring.loader import spec_to_json
 from rewardlab.testing import randomize, tiny_blip_spec
 from rewardlab.testing.shapes import make_pairs
-from rewardlab.train import Pair, bradley_terry_loss, freeze_ratio, pairs_from_groups, split_by_group
+from rewardlab.train import Pair, bradley_terry_loss, pairs_from_groups, split_by_group
 from rewardlab.train.init import load_initial_weights
 from rewardlab.train.trainer import PairBatcher, TrainConfig, Trainer
 
@@ -66,7 +67,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
 
     with pytest.raises(Crash):
         Trainer(_config(tmp_path / "b", **settings), [train], step_callback=crash_at_five).train()
-    assert json.loads((tmp_path / "b" / "run" / "state" / "trainer_state.json").read_text())["step"] == 4
+    assert json.loads((current_version(tmp_path / "b" / "run" / "state") / "trainer_state.json").read_text())["step"] == 4
     Trainer(_config(tmp_path / "b", **settings), [train]).train()
     resumed = read_state_dict(tmp_path / "b" / "run" / "final.safetensors")
     assert reference.keys() == resumed.keys()
@@ -79,7 +80,7 @@ def _ours_frozen(ratio: float) -> tuple[set[str], set[str]]:
     spec = get_spec("cyclereward-combo")
     with torch.device("meta"):
         model = get_architecture(spec.architecture).build(spec)
-    freeze_ratio(model, ratio)
+    model.freeze(ratio)
     names = dict(model.named_parameters())
     return {n for n, p in names.items() if p.requires_grad}, {n for n, p in names.items() if not p.requires_grad}
 
@@ -169,7 +170,7 @@ def test_pair_file_layouts_and_cli(tmp_path):
     result = CliRunner().invoke(cli, ["train", "-c", str(config), "-d", f"pairs:{bad}", "-o",
                                                     str(tmp_path / "o2")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "error: " in result.output and "bad.jsonl row 0: expected columns" in result.output
+    assert "error: " in result.output and "bad.jsonl line 1: unknown pair layout" in result.output
 
 
 def test_blip_pretrained_init_drops_only_listed_keys(tmp_path):
@@ -207,8 +208,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = get_architecture("blip-reward").build(spec)
         randomize(model, 2)
         model.train()
-        model.blip.visual_encoder.gradient_checkpointing = checkpointing
-        model.blip.text_encoder.gradient_checkpointing = checkpointing
+        model.set_grad_checkpointing(checkpointing)
         torch.manual_seed(0)
         text = get_architecture("blip-reward").tokenizer(spec)(["a red circle", "a blue square"])
         model(torch.rand(2, 3, 32, 32), text).sum().backward()

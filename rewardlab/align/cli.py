@@ -39,16 +39,11 @@ def finetune_command(config, method, pretrained_model, reward, heldout_reward, p
     LoRA results load with ``pipeline.load_lora_weights(OUTPUT_DIR/lora/final)``."""
     from .finetune import FinetuneConfig, Finetuner
 
-    extra = []
-    for key, value in (("method", method), ("pretrained_model", pretrained_model), ("prompts", prompts),
-                       ("pretrain_data", pretrain_data), ("output_dir", output_dir)):
-        if value:
-            extra.append(f"{key}={json.dumps(value)}")
-    if reward:
-        extra.append(f"reward={json.dumps(list(reward))}")
-    if heldout_reward:
-        extra.append(f"heldout_reward={json.dumps(list(heldout_reward))}")
-    cfg = FinetuneConfig.from_yaml(recipe_path(config) if config else None, [*extra, *overrides])
+    options = {"method": method, "pretrained_model": pretrained_model, "prompts": prompts,
+               "pretrain_data": pretrain_data, "output_dir": output_dir,
+               "reward": list(reward) or None, "heldout_reward": list(heldout_reward) or None}
+    cfg = FinetuneConfig.from_yaml(recipe_path(config) if config else None, list(overrides),
+                                   {key: value for key, value in options.items() if value})
     tuner = Finetuner(cfg)
     click.echo(f"{cfg.method}: {tuner.trainable_parameters:,} trainable parameters ({cfg.parameters}); "
                f"{len(tuner.prompts)} prompts; output {cfg.output_dir}")

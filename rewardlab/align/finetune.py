@@ -1,7 +1,7 @@
 """``rewardlab finetune``: improve a diffusion generator with differentiable rewards.
 
 :class:`FinetuneConfig` holds every setting (YAML recipe + ``--set`` overrides, see
-:func:`rewardlab.io.config.config_from_yaml`); :class:`Finetuner` runs it: ReFL, DRaFT-K or AlignProp
+:func:`rewardlab.config.load_config`); :class:`Finetuner` runs it: ReFL, DRaFT-K or AlignProp
 reward steps, optionally the pretraining (noise-prediction) loss, LoRA or full fine-tuning, accelerate
 for devices and mixed precision, resumable state, a JSONL log and a validation gallery.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import load_config
 from ..errors import ConfigError, NonFiniteError
 from ..io.atomic import current_version, new_version_dir, publish_version, write_json
-from ..io.config import config_from_yaml
 from ..scoring.ensemble import DIFFERENTIABLE, NORMALIZATIONS, RewardEnsemble, parse_reward
 from .backprop import TRUNCATIONS, draw_grad_steps, negative_reward_loss, sample_with_grad_window
 from .data import ImageTextPair, batch_indices, load_image_text_pairs, load_prompts, pixels_for_generator
@@ -108,8 +108,10 @@ class FinetuneConfig:
             self.pretrain_loss = "off"
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
-        config = config_from_yaml(cls, path, overrides)
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] = (),
+                  values: dict | None = None) -> FinetuneConfig:
+        """A YAML recipe, then ``KEY=VALUE`` overrides, then typed ``values`` (CLI options)."""
+        config = load_config(cls, path, overrides, values)
         config.check()
         return config
 

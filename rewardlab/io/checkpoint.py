@@ -83,19 +83,20 @@ def load_strict(
     ignore: tuple[str, ...] = (),
     allow_missing: tuple[str, ...] = (),
     assign: bool = False,
-) -> None:
+) -> list[str]:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error naming it.
 
     Keys that end with one of ``ignore`` (non-persistent buffers such as ``position_ids``) are dropped
-    from the checkpoint first; keys starting with one of ``allow_missing`` may be absent (they keep the
-    model's values). Shapes are compared before anything is copied, so a model built on the meta device
-    costs no memory until the check passes; ``assign=True`` then adopts the checkpoint's tensors (cast to
-    the model's floating dtype) instead of copying them.
+    from the checkpoint first. Model keys that start with one of ``allow_missing`` (a fresh head when
+    initialising from a backbone checkpoint) may be absent: they keep their current values. Returns the
+    model keys that were left as they were. Shapes are compared before anything is copied, so a model built
+    on the meta device costs no memory until the check passes; ``assign=True`` then adopts the checkpoint's
+    tensors (cast to the model's floating dtype) instead of copying them.
     """
     state = {k: v for k, v in state.items() if not k.endswith(ignore)} if ignore else dict(state)
     expected = model.state_dict()
-    absent = set(expected) - set(state)
-    missing = sorted(k for k in absent if not (allow_missing and k.startswith(allow_missing)))
+    kept = sorted(k for k in set(expected) - set(state) if allow_missing and k.startswith(allow_missing))
+    missing = sorted(set(expected) - set(state) - set(kept))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
         f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
@@ -116,4 +117,5 @@ def load_strict(
         target = expected[key]
         if value.dtype != target.dtype and target.is_floating_point():
             state[key] = value.to(target.dtype)
-    model.load_state_dict(state, strict=not absent, assign=assign)
+    model.load_state_dict(state, strict=not kept, assign=assign)
+    return kept

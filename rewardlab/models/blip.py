@@ -254,3 +254,89 @@ class BLIPBackbone(nn.Module):
         """[CLS] feature of the text encoder cross-attending to the image: (B, hidden)."""
         image_embeds = self.visual_encoder(pixels)
         return self.text_encoder(input_ids, attention_mask, image_embeds)[:, 0]
+
+
+# -- training hooks shared by the BLIP-backbone reward models ----------------------------------------
+
+# Parts of Salesforce's BLIP pretraining checkpoints (model_large.pth) that the reward models have no use
+# for: momentum encoders and projections, the text decoder, the matching head, the queues and temperature.
+BLIP_DROPPED_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "text_decoder.",
+                         "itm_head.")
+BLIP_DROPPED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp")
+
+
+def drop_pretraining_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Salesforce BLIP state dict without the pretraining-only parts listed above."""
+    return {k: v for k, v in state.items() if not k.startswith(BLIP_DROPPED_PREFIXES) and k not in BLIP_DROPPED_KEYS}
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Resize a ViT position table (1, 1 + g*g, D) to ``num_patches`` patches (bicubic on the grid)."""
+    old = pos_embed.shape[1] - 1
+    if old == num_patches:
+        return pos_embed
+    old_side, new_side = int(old**0.5), int(num_patches**0.5)
+    grid = pos_embed[:, 1:].reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, -1)], dim=1)
+
+
+class BlipHooks:
+    """Training hooks of a reward model whose backbone is ``self.blip`` (a :class:`BLIPBackbone`).
+
+    Mixed into :class:`~rewardlab.models.base.RewardModel` subclasses; ``fresh_head`` names the keys a
+    BLIP pretraining checkpoint lacks (the reward head)."""
+
+    blip: BLIPBackbone
+    fresh_head: tuple[str, ...] = ()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blip.visual_encoder.gradient_checkpointing = enable
+        self.blip.text_encoder.gradient_checkpointing = enable
+
+    def towers(self) -> dict:
+        from .base import Tower
+
+        vit, bert = self.blip.visual_encoder, self.blip.text_encoder
+        return {"vision": Tower([vit.patch_embed, vit.cls_token, vit.pos_embed], vit.blocks),
+                "text": Tower([bert.embeddings], bert.encoder.layer)}
+
+    def freeze(self, ratio: float) -> None:
+        """Freeze the bottom ``ratio`` of the BLIP backbone, exactly as the ImageReward/CycleReward recipe.
+
+        Unused parameters (:meth:`is_unused`) are frozen. Then text-encoder parameters are frozen in
+        definition order up to and including the first one whose name contains ``layer.{int(L_text *
+        ratio)}`` and ViT parameters up to the first containing ``blocks.{int(L_vision * ratio)}``. As in
+        the reference, that first parameter (``...query.weight`` of the text layer, ``norm1.weight`` of the
+        ViT block) is frozen while the rest of that layer trains."""
+        from .base import check_ratio
+
+        check_ratio(ratio)
+        self._freeze_unused()
+        if ratio <= 0:
+            return
+        text, vision = self.blip.text_encoder, self.blip.visual_encoder
+        boundaries = ((text, f"layer.{int(text.config.layers * ratio)}"),
+                      (vision, f"blocks.{int(vision.config.depth * ratio)}"))
+        for encoder, boundary in boundaries:
+            for name, param in encoder.named_parameters():
+                param.requires_grad_(False)
+                if boundary in name:
+                    break
+
+    def init_from_pretrained(self, path) -> str:
+        """A Salesforce BLIP checkpoint (``model_large.pth``: pretraining-only keys dropped, ViT position
+        table interpolated to this image size, the head keeps its fresh weights) or a checkpoint already in
+        this model's layout (``blip.*`` keys, head included if present)."""
+        from ..io.checkpoint import load_strict, read_state_dict
+
+        state = read_state_dict(path)
+        salesforce = not any(k.startswith("blip.") for k in state)
+        if salesforce:
+            state = {f"blip.{k}": v for k, v in drop_pretraining_keys(state).items()}
+        key = "blip.visual_encoder.pos_embed"
+        if key in state:
+            state[key] = interpolate_pos_embed(state[key], self.blip.visual_encoder.pos_embed.shape[1] - 1)
+        kept = load_strict(self, state, str(path), ignore=("position_ids",), allow_missing=self.fresh_head)
+        what = "BLIP pretraining checkpoint" if salesforce else "checkpoint"
+        return f"{what} {path}" + (f" ({len(kept)} head tensors freshly initialised)" if kept else "")

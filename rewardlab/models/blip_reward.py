@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..registry import ModelSpec
 from .base import RewardModel, row_count, take
-from .blip import BLIPBackbone, TextConfig, VisionConfig
+from .blip import BLIPBackbone, BlipHooks, TextConfig, VisionConfig
 from .options import BLIP_TEXT, BLIP_VISION, check_heads, check_keys, check_number, check_section
 from .tokenizer import TextTokenizer, bert_tokenizer
 
@@ -35,8 +35,10 @@ def reward_head(width: int, kind: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class BlipReward(RewardModel):
+class BlipReward(BlipHooks, RewardModel):
     """reward = (head(text_encoder([CLS] | image)) - mean) / std, computed in float32 after the backbone."""
+
+    fresh_head = ("mlp.",)
 
     def __init__(self, vision: VisionConfig, text: TextConfig, head: str, mean: float = 0.0, std: float = 1.0):
         super().__init__()
@@ -61,9 +63,11 @@ class BlipReward(RewardModel):
             raw = self.mlp.layers(cls.float()).squeeze(-1)
         return (raw - self.mean) / self.std
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.blip.visual_encoder.gradient_checkpointing = enable
-        self.blip.text_encoder.gradient_checkpointing = enable
+    def head_prefixes(self) -> tuple[str, ...]:
+        return ("mlp.",)
+
+    def is_unused(self, name: str) -> bool:
+        return name.startswith(("blip.vision_proj.", "blip.text_proj."))  # the contrastive (ITC) projections
 
 
 def validate(options: dict, where: str = "spec") -> None:

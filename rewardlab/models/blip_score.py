@@ -8,22 +8,14 @@ import torch.nn.functional as F
 from ..errors import CheckpointError
 from ..registry import ModelSpec
 from .base import RewardModel, row_count, take
-from .blip import BLIPBackbone, TextConfig, VisionConfig
+from .blip import BLIPBackbone, BlipHooks, TextConfig, VisionConfig, drop_pretraining_keys
 from .blip_reward import validate_backbone
 from .options import check_keys
 
-# Parts of Salesforce's BLIP pretraining checkpoints (model_large.pth) that BLIPScore has no use for:
-# momentum encoders and projections, the text decoder, the matching head, the queues and temperature.
-BLIP_DROPPED_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "text_decoder.",
-                         "itm_head.")
-BLIP_DROPPED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp")
 
+class BlipScore(BlipHooks, RewardModel):
+    """cos(vision_proj(image [CLS]), text_proj(text [CLS])) with BLIP's unimodal encoders."""
 
-def drop_pretraining_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if not k.startswith(BLIP_DROPPED_PREFIXES) and k not in BLIP_DROPPED_KEYS}
-
-
-class BlipScore(RewardModel):
     def __init__(self, vision: VisionConfig, text: TextConfig):
         super().__init__()
         self.blip = BLIPBackbone(vision, text)
@@ -39,9 +31,15 @@ class BlipScore(RewardModel):
                             dim=-1)
         return (take(image_features, image_index).float() * take(words, text_index).float()).sum(-1)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.blip.visual_encoder.gradient_checkpointing = enable
-        self.blip.text_encoder.gradient_checkpointing = enable
+    def head_prefixes(self) -> tuple[str, ...]:
+        return ("blip.vision_proj.", "blip.text_proj.")
+
+    def is_unused(self, name: str) -> bool:
+        return ".crossattention." in name  # the unimodal text encoder skips cross-attention
+
+    def preference_scale(self) -> float:
+        """1 / 0.07, BLIP's initial contrastive temperature (the learned one is a pretraining-only key)."""
+        return 1 / 0.07
 
 
 def validate(options: dict, where: str = "spec") -> None:

@@ -7,8 +7,10 @@ transformers' names by :func:`convert_openai_state`; transformers checkpoints lo
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..registry import ModelSpec
-from .base import RewardModel, row_count, take
+from .base import RewardModel, Tower, row_count, take
 from .options import CLIP_TOWER, check_heads, check_keys, check_number, check_section
 
 AESTHETIC_HEAD = (1024, 128, 64, 16, 1)
@@ -88,10 +90,55 @@ class CLIPReward(RewardModel):
         raise ValueError(f"unknown CLIP output {self.output!r}")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        modern = hasattr(self.clip, "activation_checkpointing_enable")  # transformers 5.x; gradient_* before
+        if enable and modern:
+            self.clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enable:
             self.clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif modern:
+            self.clip.activation_checkpointing_disable()
         else:
             self.clip.gradient_checkpointing_disable()
+
+    # -- training hooks ------------------------------------------------------------------------------
+    def towers(self) -> dict[str, Tower]:
+        """Vision: patch/class/position embeddings and the pre-norm, then the encoder layers (open_clip's
+        ``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``, ``resblocks``); text: token
+        and position embeddings, then the layers."""
+        vision, text = self.clip.vision_model, self.clip.text_model
+        return {"vision": Tower([vision.embeddings, vision.pre_layrnorm], vision.encoder.layers),
+                "text": Tower([text.embeddings], text.encoder.layers)}
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        if self.output == "aesthetic":
+            return ("mlp.",)
+        return ("clip.visual_projection.", "clip.text_projection.", "clip.logit_scale")
+
+    def is_unused(self, name: str) -> bool:
+        """The aesthetic predictor ignores the prompt: the text tower and the logit scale are unused."""
+        return self.output == "aesthetic" and name.startswith(("clip.text_model.", "clip.text_projection.",
+                                                                "clip.logit_scale"))
+
+    def preference_scale(self) -> torch.Tensor | float:
+        """Cosine outputs: ``exp(logit_scale)`` (at most 100), the temperature of the contrastive
+        preference losses HPS v2 and PickScore were trained with; logits and aesthetic scores: 1."""
+        if self.output in ("cosine", "clipscore"):
+            return self.clip.logit_scale.clamp(max=math.log(100)).exp().float()
+        return 1.0
+
+    def init_from_pretrained(self, path) -> str:
+        """An OpenAI CLIP / open_clip (``visual.conv1.weight`` ...) or transformers ``CLIPModel`` checkpoint
+        into both towers, projections and logit scale; the aesthetic MLP keeps its fresh weights."""
+        from ..errors import CheckpointError
+        from ..io.checkpoint import load_strict, read_state_dict
+
+        try:
+            state = convert_openai_state(read_state_dict(path))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc.message}", exc.hint) from None
+        kept = load_strict(self, state, str(path), ignore=("position_ids",),
+                           allow_missing=("mlp.",) if self.output == "aesthetic" else ())
+        return f"CLIP checkpoint {path}" + (f" ({len(kept)} head tensors freshly initialised)" if kept else "")
 
 
 OUTPUTS = ("cosine", "clipscore", "logit", "aesthetic")
@@ -122,11 +169,34 @@ def build(spec: ModelSpec) -> CLIPReward:
 
 # -- checkpoint conversion --------------------------------------------------------------------------
 
+# Scalars OpenAI's JIT archives keep next to the weights (the reference loader deletes them too).
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class _Recorded(dict):
+    """A dict that remembers which keys were read."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"OpenAI/open_clip-layout CLIP checkpoint lacks {key!r}") from None
+
+
 def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") -> dict[str, torch.Tensor]:
     """OpenAI CLIP / open_clip state dict -> transformers ``CLIPModel`` names (fused qkv split, projections
-    transposed). Keys already in transformers' layout pass through with ``prefix`` added."""
+    transposed). Keys already in transformers' layout pass through with ``prefix`` added; keys the mapping
+    does not know are kept (prefixed), so strict loading reports them instead of dropping them silently."""
     if "visual.conv1.weight" not in state:
         return {(k if k.startswith(prefix) or k.startswith("mlp.") else prefix + k): v for k, v in state.items()}
+    state = _Recorded(state)
     out: dict[str, torch.Tensor] = {}
 
     def tower(src: str, dst: str) -> None:
@@ -162,19 +232,21 @@ def convert_openai_state(state: dict[str, torch.Tensor], prefix: str = "clip.") 
         f"{prefix}logit_scale": state["logit_scale"],
     })
     out.update({k: v for k, v in state.items() if k.startswith("mlp.")})
+    out.update({prefix + k: v for k, v in state.items()
+                if k not in state.used and not k.startswith("mlp.") and k not in OPENAI_METADATA_KEYS})
     return out
 
 
 def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec,
-                  backbone: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  backbone: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Any accepted layout -> this module's keys (renames only). The aesthetic predictor's own file holds only
-    the MLP (``layers.*``); the loader resolves the spec's ``backbone_sources`` and passes that state in."""
+    the MLP (``layers.*``); ``backbone`` (from the loader) reads the spec's ``backbone_sources`` on demand."""
     if spec.options["output"] == "aesthetic" and state and all(k.startswith("layers.") for k in state):
         if backbone is None:
             raise CheckpointError(f"{spec.name}: this file holds only the aesthetic predictor (layers.*)",
                                   "load it as rewardlab.load('aesthetic-laion-v2', checkpoint=PATH) so the CLIP "
                                   "backbone is fetched, or pass a full rewardlab checkpoint")
-        return {**convert_openai_state(backbone), **{f"mlp.{k}": v for k, v in state.items()}}
+        return {**convert_openai_state(backbone()), **{f"mlp.{k}": v for k, v in state.items()}}
     return convert_openai_state(state)
 
 

@@ -118,7 +118,7 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.Path
     if bad:
         from ..errors import NonFiniteError
 
-        raise NonFiniteError(f"refusing to save {path}: non-finite values in {', '.join(bad[:5])}")
+        raise NonFiniteError(f"refusing to save {path}: non-finite weights in {', '.join(bad[:5])}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={SPEC_METADATA_KEY: spec_to_json(spec)})

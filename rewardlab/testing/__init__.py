@@ -55,3 +55,21 @@ def make_random_checkpoint(path, spec=None, seed: int = 0) -> str:
     randomize(model, seed)
     save_checkpoint(model, spec, path)
     return str(path)
+
+
+TINY_CLIP = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+                        "patch_size": 8, "image_size": 32, "hidden_act": "gelu"},
+             "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+                      "hidden_act": "gelu"},
+             "projection_dim": 32}
+
+
+def tiny_clip_spec(output: str = "cosine", name: str = "tiny-clip", max_tokens: int = 16):
+    """A CLIP-family spec (the architecture of CLIPScore, HPS v2.1, PickScore, the aesthetic predictor) small
+    enough to train on CPU in seconds: 32 px images, 4+4 layers of width 32."""
+    from ..registry import ModelSpec, Preprocess
+
+    return ModelSpec(name=name, architecture="clip", sources=(), preprocess=Preprocess(size=32), max_tokens=max_tokens,
+                     uses_prompt=output != "aesthetic", normalization=output, description="tiny test configuration",
+                     options={"clip": {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_CLIP.items()},
+                              "output": output})

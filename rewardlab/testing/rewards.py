@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.base import RewardModel, row_count, take
+
 COLOUR_CHANNELS = {"red": 0, "green": 1, "blue": 2}
 
 
@@ -23,16 +25,21 @@ class _ColourTokenizer:
         return {"colour": torch.tensor(index, device=device)}
 
 
-class ColourReward(torch.nn.Module):
+class ColourReward(RewardModel):
     """Mean of the named colour channel minus the mean of the other two, on [0, 1] pixels."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("dummy", torch.zeros(()))
 
-    def forward(self, pixels: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        channel_means = pixels.float().mean(dim=(2, 3))  # (B, 3) in [0, 1]
-        colour = text["colour"]
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().mean(dim=(2, 3))  # (B, 3) channel means in [0, 1]
+
+    def score_features(self, image_features: torch.Tensor, text: dict[str, torch.Tensor],
+                       image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        row_count(image_features.shape[0], text["colour"].shape[0], image_index, text_index)
+        channel_means = take(image_features, image_index)
+        colour = take(text["colour"], text_index)
         picked = channel_means.gather(1, colour.clamp(min=0).unsqueeze(1)).squeeze(1)
         others = (channel_means.sum(dim=1) - picked) / 2
         return torch.where(colour >= 0, picked - others, torch.zeros_like(picked))

@@ -1,12 +1,11 @@
-"""Training reward models from preference pairs (Bradley–Terry, freeze-ratio recipes, accelerate)."""
+"""Training reward models from preference pairs (Bradley–Terry, the architectures' freeze recipes, accelerate)."""
 
 from ..data.sources import pairs_from_groups
 from .data import Pair, load_pair_file, load_training_pairs, split_by_group
-from .freeze import freeze_backbone, freeze_ratio, trainable_summary
 from .loss import bradley_terry_loss
 
-__all__ = ["Pair", "load_pair_file", "load_training_pairs", "pairs_from_groups", "split_by_group", "freeze_backbone",
-           "freeze_ratio", "trainable_summary", "bradley_terry_loss", "TrainConfig", "Trainer"]
+__all__ = ["Pair", "load_pair_file", "load_training_pairs", "pairs_from_groups", "split_by_group",
+           "bradley_terry_loss", "TrainConfig", "Trainer"]
 
 
 def __getattr__(name: str):

@@ -19,9 +19,10 @@ def load_pair_file(path: str | Path, image_root: str | Path | None = None, allow
 
 
 def load_training_pairs(spec: str, image_root: str | None = None, split: str = "train",
-                        allow_outside: bool = False) -> list[Pair]:
-    """``KIND:PATH`` -> pairs (see :mod:`rewardlab.data.sources`)."""
-    return load_pairs(spec, image_root, split, allow_outside)
+                        include_ties: bool = False, allow_outside: bool = False) -> list[Pair]:
+    """``KIND:PATH`` -> pairs (see :mod:`rewardlab.data.sources`); rankings give all their ordered pairs,
+    and their tied pairs too with ``include_ties``."""
+    return load_pairs(spec, image_root, split, allow_outside, include_ties)
 
 
 def split_by_group(pairs: list[Pair], valid_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
