@@ -145,6 +145,11 @@ def test_cli_usage_errors_need_no_ray(tmp_path, clean_manifest, tiny_checkpoint)
     assert result.exit_code == 2 and "neither .jsonl nor .parquet" in result.output
     result = _run("score", "--ray", "--manifest", clean_manifest, "--output", tmp_path / "o", "--model", "nope")
     assert result.exit_code == 2 and "nope" in result.output
+    (tmp_path / "file").write_text("x")
+    result = _run("score", "--ray", "--manifest", clean_manifest, "--output", tmp_path / "file")
+    assert result.exit_code == 2 and "is a file" in result.output
+    result = _run("score", "--prompt", "x", str(clean_manifest.parent / "images" / "0.png"), "--output", tmp_path)
+    assert result.exit_code == 2 and "is a folder" in result.output  # single-process --output stays a file
     result = _run("eval", "--model", tiny_checkpoint, "--data", "x.json", "--workers", 2)
     assert result.exit_code == 2 and "--workers only apply with --ray" in result.output
     assert not (tmp_path / "o").exists()

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_NAME = "part-{:06d}.parquet"
 JOB_FILE = "_job.json"
-DEFAULT_SHARD_ROWS = 4096
+DEFAULT_SHARD_ROWS = 1024  # a shard's rows are in one actor's memory at once (image bytes too)
 MANIFEST_SUFFIXES = (".jsonl", ".parquet")
 _JOB_VERSION = 1
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -533,8 +533,6 @@ def _job_record(manifest: Path, shards: list[Shard], shard_rows: int, model: str
 def _start_or_resume(output: Path, job: dict) -> None:
     import json
 
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file", "give a folder for the Parquet shards")
     record = output / JOB_FILE
     if record.is_file():
         try:
@@ -579,6 +577,8 @@ def score_manifest(manifest: str | os.PathLike, output: str | os.PathLike, model
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     manifest = Path(manifest).expanduser().resolve()
     output = Path(output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file", "give a folder for the Parquet shards")
     check_model_argument(model, checkpoint)
     model, checkpoint = _absolute_if_file(model), _absolute_if_file(checkpoint)
     shards = plan_shards(manifest, shard_rows, prompt_column, image_column)

@@ -40,7 +40,7 @@ def manifest_options(func: Callable) -> Callable:
                      help="With --ray: JSONL or Parquet of (prompt, image) rows; image = path relative to the "
                           "manifest's folder, or encoded bytes (Parquet). --output is then a folder."),
         click.option("--shard-rows", type=click.IntRange(min=1), default=None,
-                     help="With --ray: rows per output Parquet shard, the unit of resuming (default 4096)."),
+                     help="With --ray: rows per output Parquet shard, the unit of resuming (default 1024)."),
     ]
     for option in reversed(options):
         func = option(func)
