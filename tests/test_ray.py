@@ -237,6 +237,15 @@ def test_bad_rows_become_error_rows_and_the_rest_is_scored(ray_instance, one_thr
     assert all(math.isfinite(s) for i, s in enumerate(table["score"]) if i not in bad)
 
 
+@pytest.mark.slow
+def test_a_model_that_cannot_load_is_one_clear_error(ray_instance, tmp_path, clean_manifest):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    result = _ray_score(clean_manifest, tmp_path / "out", bad)
+    assert result.exit_code == 1 and result.output.startswith(f"error: cannot read checkpoint {bad}")
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
 def test_parquet_manifest_with_image_bytes(ray_instance, one_thread, tmp_path, tiny_checkpoint, tiny_scorer):
     import pyarrow as pa
     import pyarrow.parquet as pq

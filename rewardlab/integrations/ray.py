@@ -93,18 +93,6 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _unwrap_ray_error(exc: BaseException) -> BaseException:
-    """The rewardlab error a Ray task raised (Ray wraps it), else ``exc`` itself."""
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RewardLabError):
-            return current
-        current = getattr(current, "cause", None) or current.__cause__
-    return exc
-
-
 # -- one row of untrusted input -------------------------------------------------------------------------
 
 def image_input(value: Any, base_dir: str | os.PathLike | None = None) -> tuple[Any, str | None]:
@@ -220,7 +208,12 @@ class ScoreBatch:
             torch.set_num_threads(threads)
         from .. import load
 
-        self.scorer = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
+        self.scorer = None
+        self.load_error: RewardLabError | None = None
+        try:
+            self.scorer = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
+        except RewardLabError as exc:  # raised from the first call: Ray keeps a task's error, not an actor's
+            self.load_error = exc
         self.prompt_column, self.image_column, self.id_column = prompt_column, image_column, id_column
         self.batch_size, self.base_dir, self.drop_image = batch_size, base_dir, drop_image
 
@@ -232,14 +225,20 @@ class ScoreBatch:
             raise DataError(f"the dataset has no column {name!r} (has: {columns})",
                             "pass prompt_column=/image_column= naming its columns") from None
 
+    def loaded(self):
+        """The scorer, or the error that loading it raised."""
+        if self.load_error is not None:
+            raise self.load_error
+        return self.scorer
+
     def __call__(self, batch: Any) -> Any:
+        scorer = self.loaded()
         prompts = self._column(batch, self.prompt_column)
         images = self._column(batch, self.image_column)
         names = None
         if self.id_column:
             names = [f"{self.id_column} {value}" for value in self._column(batch, self.id_column)]
-        scores, errors = score_rows(self.scorer, prompts, images, names, self.batch_size or len(prompts),
-                                    self.base_dir)
+        scores, errors = score_rows(scorer, prompts, images, names, self.batch_size or len(prompts), self.base_dir)
         if isinstance(batch, dict):
             out = {k: v for k, v in batch.items() if not (self.drop_image and k == self.image_column)}
             out["score"] = np.array(scores, dtype=object)
@@ -284,6 +283,20 @@ def actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy
     if concurrency < 1:
         raise UsageError(f"concurrency must be at least 1, got {concurrency}")
     return ray.data.ActorPoolStrategy(size=concurrency)
+
+
+FATAL_COLUMN = "rewardlab_fatal"
+
+
+def _fatal(error: RewardLabError) -> dict[str, np.ndarray]:
+    """A one-row batch carrying an actor's error to the driver, which raises it (a raised error would
+    reach the driver as Ray's wrapper holding only its text)."""
+    return {FATAL_COLUMN: np.array([pickle.dumps(error)], dtype=object)}
+
+
+def _raise_if_fatal(columns: Sequence[str], values: Any) -> None:
+    if FATAL_COLUMN in columns:
+        raise pickle.loads(values[0])
 
 
 # -- manifests: planning and reading shards -------------------------------------------------------------
@@ -420,17 +433,24 @@ class ShardScorer:
 
     def __init__(self, manifest: str, model: str, checkpoint: str | None, device: str | None, dtype: str | None,
                  batch_size: int, prompt_column: str, image_column: str, threads: int | None = None):
-        self.scorer = ScoreBatch(model, checkpoint, device, dtype, threads=threads).scorer
+        self.model = ScoreBatch(model, checkpoint, device, dtype, threads=threads)
         self.manifest, self.batch_size = manifest, batch_size
         self.prompt_column, self.image_column = prompt_column, image_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.model.load_error is not None:
+            return _fatal(self.model.load_error)
+        scorer = self.model.scorer
         out: dict[str, list] = {"shard": [], "row": [], "prompt": [], "image": [], "score": [], "error": []}
         for values in zip(*(batch[f] for f in Shard.__dataclass_fields__), strict=True):
             shard = Shard(*(int(v) for v in values))
-            names, prompts, images, known = read_shard(self.manifest, shard, self.prompt_column, self.image_column)
-            scores, errors = score_rows(self.scorer, prompts, images, names, self.batch_size,
-                                        Path(self.manifest).parent, known)
+            try:
+                names, prompts, images, known = read_shard(self.manifest, shard, self.prompt_column,
+                                                           self.image_column)
+            except RewardLabError as exc:
+                return _fatal(exc)
+            scores, errors = score_rows(scorer, prompts, images, names, self.batch_size, Path(self.manifest).parent,
+                                        known)
             out["shard"] += [shard.index] * shard.rows
             out["row"] += list(range(shard.first_row, shard.first_row + shard.rows))
             out["prompt"] += [p if isinstance(p, str) else None for p in prompts]
@@ -616,20 +636,16 @@ def _run_shards(todo: list[Shard], output: Path, manifest: Path, model: str, che
     ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(ShardScorer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
                         num_gpus=gpus or None, num_cpus=cpus, compute=actor_pool(min(workers, len(todo))))
-    try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for index in sorted(set(table.column("shard").to_pylist())):
-                piece = table.filter(pc.equal(table.column("shard"), index))
-                pending[index].append(piece)
-                received[index] += piece.num_rows
-                if received[index] == by_index[index].rows:
-                    write_shard(output / SHARD_NAME.format(index), by_index[index], pending.pop(index))
-                    logger.info("shard %d written", index)
-    except Exception as exc:
-        cause = _unwrap_ray_error(exc)
-        if cause is not exc:
-            raise cause from None
-        raise
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if FATAL_COLUMN in table.column_names:
+            _raise_if_fatal(table.column_names, table.column(FATAL_COLUMN).to_pylist())
+        for index in sorted(set(table.column("shard").to_pylist())):
+            piece = table.filter(pc.equal(table.column("shard"), index))
+            pending[index].append(piece)
+            received[index] += piece.num_rows
+            if received[index] == by_index[index].rows:
+                write_shard(output / SHARD_NAME.format(index), by_index[index], pending.pop(index))
+                logger.info("shard %d written", index)
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} came back incomplete; rerun to score them")
 
@@ -668,18 +684,21 @@ class GroupScorer:
 
     def __init__(self, model: str, checkpoint: str | None, device: str | None, dtype: str | None,
                  batch_size: int | None, ks: tuple[int, ...], threads: int | None = None):
-        self.scorer = ScoreBatch(model, checkpoint, device, dtype, threads=threads).scorer
+        self.model = ScoreBatch(model, checkpoint, device, dtype, threads=threads)
         self.batch_size, self.ks = batch_size, ks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ..eval.runner import accumulate, score_groups
 
+        if self.model.load_error is not None:
+            return _fatal(self.model.load_error)
+        scorer = self.model.scorer
         payloads = []
         for blob in batch["groups"]:
             groups = pickle.loads(blob)
-            scores, errors, scored = score_groups(self.scorer, groups, None, self.batch_size)
+            scores, errors, scored = score_groups(scorer, groups, None, self.batch_size)
             accuracy, selection = accumulate(groups, scores, errors, self.ks)
-            payloads.append(pickle.dumps({"model": self.scorer.name, "scores": scores, "errors": errors,
+            payloads.append(pickle.dumps({"model": scorer.name, "scores": scores, "errors": errors,
                                           "scored": scored, "accuracy": accuracy, "selection": selection}))
         return {"chunk": batch["chunk"], "payload": np.array(payloads, dtype=object)}
 
@@ -717,15 +736,10 @@ def evaluate_on_ray(model: str, groups: list, *, checkpoint: str | None = None, 
                             num_gpus=gpus or None, num_cpus=cpus_per_worker,
                             compute=actor_pool(min(workers, len(items))))
         results: dict[int, dict] = {}
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for chunk, blob in zip(batch["chunk"], batch["payload"], strict=True):
-                    results[int(chunk)] = pickle.loads(blob)
-        except Exception as exc:
-            cause = _unwrap_ray_error(exc)
-            if cause is not exc:
-                raise cause from None
-            raise
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            _raise_if_fatal(list(batch), batch.get(FATAL_COLUMN))
+            for chunk, blob in zip(batch["chunk"], batch["payload"], strict=True):
+                results[int(chunk)] = pickle.loads(blob)
     if sorted(results) != list(range(len(items))):
         raise RuntimeError(f"{len(items) - len(results)} evaluation tasks returned nothing")
     accuracy, selection = PairwiseAccuracy(), RecallFilterAtK(tuple(ks))
