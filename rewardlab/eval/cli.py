@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -12,6 +13,7 @@ import click
 from ..data.groups import Group
 from ..data.sources import load_groups
 from ..errors import UsageError
+from ..integrations.ray_cli import RAY_ONLY, check_ray_usage, load_integration, ray_options
 from ..io.atomic import write_json
 from ..io.paths import check_output_path
 from ..io.records import read_records
@@ -109,8 +111,10 @@ def _table(results, extra) -> str:
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
 @click.option("--no-progress", is_flag=True)
+@ray_options
 def eval_command(models, checkpoints, data, image_root, allow_outside_root, split, prompts_file, human_ranking, report,
-                 json_out, cache, no_cache, batch_size, device, dtype, no_progress) -> None:
+                 json_out, cache, no_cache, batch_size, device, dtype, no_progress, use_ray, ray_address, workers,
+                 gpus_per_worker) -> None:
     from .. import load
     from .cache import ScoreCache
     from .metrics import rank_generators
@@ -123,6 +127,7 @@ def eval_command(models, checkpoints, data, image_root, allow_outside_root, spli
     for option, target in (("--report", report), ("--json", json_out)):
         if target:
             check_output_path(target, option)
+    check_ray_usage(use_ray, RAY_ONLY, ("cache",))
     generators = None
     if data.startswith("generators:"):
         if not prompts_file:
@@ -130,21 +135,30 @@ def eval_command(models, checkpoints, data, image_root, allow_outside_root, spli
         groups, generators = generator_groups(data.partition(":")[2], prompts_file)
     else:
         groups = load_groups(data, image_root, split, allow_outside_root)
-    store = None if no_cache else ScoreCache(cache)
+    store = None if no_cache or use_ray else ScoreCache(cache)
     results, extra = [], {}
     human = {str(k): float(v) for k, v in json.loads(Path(human_ranking).read_text()).items()} if human_ranking else None
-    for n, name in enumerate(models):
-        scorer = load(name, checkpoint=checkpoints[n] if checkpoints else None, device=device, dtype=dtype)
-        result = evaluate(scorer, groups, store, batch_size, progress=not no_progress)
-        results.append(result)
-        if generators:
-            means = {}
-            for position, gen in enumerate(generators):
-                values = [s[position] for s in result.scores if not math.isnan(s[position])]
-                means[gen] = sum(values) / len(values) if values else float("nan")
-            extra[result.model] = rank_generators(means, human)
-        for message in result.errors:
-            click.echo(f"error: {for_terminal(message)}", err=True)
+    integration = load_integration() if use_ray else None
+    session = integration.ray_session(ray_address) if integration else contextlib.nullcontext()
+    with session:
+        for n, name in enumerate(models):
+            checkpoint = checkpoints[n] if checkpoints else None
+            if integration:
+                result = integration.evaluate_on_ray(
+                    name, groups, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                    workers=workers or 1, gpus_per_worker=gpus_per_worker, progress=not no_progress)
+            else:
+                scorer = load(name, checkpoint=checkpoint, device=device, dtype=dtype)
+                result = evaluate(scorer, groups, store, batch_size, progress=not no_progress)
+            results.append(result)
+            if generators:
+                means = {}
+                for position, gen in enumerate(generators):
+                    values = [s[position] for s in result.scores if not math.isnan(s[position])]
+                    means[gen] = sum(values) / len(values) if values else float("nan")
+                extra[result.model] = rank_generators(means, human)
+            for message in result.errors:
+                click.echo(f"error: {for_terminal(message)}", err=True)
     click.echo(_table(results, extra), nl=False)
     if json_out:
         write_json(json_out, _finite_or_none({"data": data, "results": [

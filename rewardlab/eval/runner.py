@@ -63,6 +63,26 @@ def score_groups(scorer, groups: list[Group], cache: ScoreCache | None = None, b
     return scores, errors, len(order)
 
 
+def accumulate(groups: list[Group], scores: list[list[float]], errors: dict[tuple[int, int], str],
+               ks: tuple[int, ...] = (1, 2, 4)) -> tuple[PairwiseAccuracy, RecallFilterAtK]:
+    """Metric accumulators over the groups without an unreadable image (those are left out)."""
+    accuracy, selection = PairwiseAccuracy(), RecallFilterAtK(ks)
+    bad_groups = {g for g, _ in errors}
+    for g, group in enumerate(groups):
+        if g not in bad_groups:
+            accuracy.update(scores[g], group.ranking)
+            selection.update(scores[g], group.ranking)
+    return accuracy, selection
+
+
+def eval_result(model: str, groups: list[Group], scores: list[list[float]], errors: dict[tuple[int, int], str],
+                scored: int, accuracy: PairwiseAccuracy, selection: RecallFilterAtK) -> EvalResult:
+    """The :class:`EvalResult` of filled (or merged) accumulators."""
+    messages = [f"group {groups[g].group_id}: {message}" for (g, _), message in sorted(errors.items())]
+    return EvalResult(model, {**accuracy.compute(), **selection.compute()}, accuracy.by_group_size(),
+                      scores, messages, len({g for g, _ in errors}), scored)
+
+
 def evaluate(scorer, groups: list[Group], cache: ScoreCache | None = None, batch_size: int | None = None,
              progress: bool = False, ks: tuple[int, ...] = (1, 2, 4)) -> EvalResult:
     """Score ``groups`` with ``scorer`` and compute agreement with the human rankings.
@@ -70,12 +90,5 @@ def evaluate(scorer, groups: list[Group], cache: ScoreCache | None = None, batch
     A group with an unreadable image is left out of the metrics and reported in ``errors``.
     """
     scores, errors, scored = score_groups(scorer, groups, cache, batch_size, progress)
-    accuracy, selection = PairwiseAccuracy(), RecallFilterAtK(ks)
-    bad_groups = {g for g, _ in errors}
-    for g, group in enumerate(groups):
-        if g not in bad_groups:
-            accuracy.update(scores[g], group.ranking)
-            selection.update(scores[g], group.ranking)
-    messages = [f"group {groups[g].group_id}: {message}" for (g, _), message in sorted(errors.items())]
-    return EvalResult(getattr(scorer, "label", scorer.name), {**accuracy.compute(), **selection.compute()}, accuracy.by_group_size(),
-                      scores, messages, len(bad_groups), scored)
+    accuracy, selection = accumulate(groups, scores, errors, ks)
+    return eval_result(getattr(scorer, "label", scorer.name), groups, scores, errors, scored, accuracy, selection)

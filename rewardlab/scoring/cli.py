@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import ImageLoadError, UsageError
+from ..integrations.ray_cli import MANIFEST_ONLY, RAY_ONLY, manifest_options, ray_options, run_score
 from ..io.atomic import write_json, write_text
 from ..io.images import expand_paths
 from ..io.paths import check_output_path
@@ -79,7 +80,8 @@ def _scoring_options(func: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                      help="Compute precision (default: fp32 on CPU, bf16 on CUDA)."),
         click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True),
-        click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results here instead of stdout."),
+        click.option("--output", "-o", type=click.Path(),
+                     help="Write results here instead of stdout (with --ray: a folder of Parquet shards)."),
         click.option("--min-score", type=float, default=None, help="Keep only images scoring at least this."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K best images per prompt."),
         click.option("--write-metadata", is_flag=True,
@@ -197,6 +199,8 @@ def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise click.BadParameter(f"{checkpoint} is not a file", param_hint="--checkpoint")
     jobs = _read_jobs(prompt, prompts_file, images, allow_outside_root)
+    if output and Path(output).is_dir():
+        raise click.BadParameter(f"{output} is a folder; give a file (folders are for --ray)", param_hint="--output")
     if output:
         check_output_path(output, "--output", [image for _, image in jobs] + ([prompts_file] if prompts_file else []))
     rows, model_name = _score_jobs(jobs, model, checkpoint, batch_size, device, dtype, progress=not no_progress)
@@ -224,9 +228,14 @@ def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, 
 
 @click.command("score")
 @_scoring_options
+@ray_options
+@manifest_options
 def score_command(**kwargs) -> None:
-    """Score IMAGES (files or folders) against a prompt, in input order."""
-    _run(False, **kwargs)
+    """Score IMAGES (files or folders) against a prompt, in input order; with --ray, a manifest on Ray."""
+    if kwargs["use_ray"] or any(kwargs[name] is not None for name in RAY_ONLY + MANIFEST_ONLY):
+        run_score(**kwargs)
+        return
+    _run(False, **{k: v for k, v in kwargs.items() if k not in ("use_ray",) + RAY_ONLY + MANIFEST_ONLY})
 
 
 @click.command("rank")

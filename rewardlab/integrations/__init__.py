@@ -1,0 +1,1 @@
+"""Bridges to other engines (Ray Data). Each module imports its engine itself, only when used."""
