@@ -131,12 +131,20 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None) -> list[G
     """Pair rows ``{prompt, image_a, image_b, label}`` from JSONL or Parquet.
 
     ``label``: ``"a"`` or 0 (image_a preferred), ``"b"`` or 1 (image_b preferred), ``"tie"`` or 0.5.
+    Rows of rewardlab's own pair files (``prompt, preferred_image, rejected_image``, as written by
+    ``rewardlab pairs`` and read by ``rewardlab train``) are read too.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     groups = []
     for n, row in enumerate(read_rows(path)):
         where = f"{path} row {n}"
+        if "image_a" not in row and {"prompt", "preferred_image", "rejected_image"} <= row.keys():
+            tie = bool(row.get("tie", False))
+            groups.append(Group(str(row.get("id", n)), [row["prompt"]] * 2,
+                                [_resolve(row["preferred_image"], root), _resolve(row["rejected_image"], root)],
+                                [1.0, 1.0] if tie else [1.0, 2.0]))
+            continue
         _require(row, ("prompt", "image_a", "image_b", "label"), where)
         label = row["label"]
         label = label.lower() if isinstance(label, str) else label
