@@ -20,6 +20,8 @@ LAZY_COMMANDS = {
     "eval": "rewardlab.eval.cli:eval_command",
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",
+    "search": "rewardlab.search.cli:search_command",
+    "pairs": "rewardlab.search.cli:pairs_command",
 }
 
 
