@@ -277,6 +277,7 @@ class CachingGenerator(DiffusersGenerator):
         if missing:
             for i, image in zip(missing, super().generate(prompt, noises[missing]), strict=True):
                 self.cache[keys[i]] = image
+        self.nfe += (len(keys) - len(missing)) * self.num_inference_steps  # a cached image costs the same
         return [self.cache[key] for key in keys]
 
 

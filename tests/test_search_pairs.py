@@ -140,6 +140,15 @@ def test_gallery_sorts_marks_labels_and_embeds_only_allowed_images(tmp_path):
     assert scores == ["0.9000", "0.2000", "–"]  # best first, errors last
     assert "<svg class='budget'" in html and "badge chosen" in html
     write_gallery(tmp_path / "g.html", [section], ["m"], allowed_roots=[root])
+    from types import SimpleNamespace
+
+    from rewardlab.report.gallery import ranking_gallery
+
+    rows = [SimpleNamespace(image=str(root / "prompt0" / f"img{i}.png"), prompt="p", score=s, rank=r, error=None)
+            for i, (s, r) in enumerate([(0.1, 2), (0.7, 1)])]
+    ranked = ranking_gallery(tmp_path / "rank.html", rows, "tiny.safetensors", [root / "prompt0" / "img1.png"])
+    text = ranked.read_text()
+    assert text.count("data:image/png;base64,") == 1 and "badge chosen" in text  # only the named image embedded
     if shutil.which("chromium") is None:
         pytest.skip("chromium not on PATH: headless rendering not checked")
     import subprocess

@@ -181,3 +181,18 @@ def search_gallery(run_folder: str | os.PathLike, path: str | os.PathLike | None
     combine = f"{run['normalize']} (weights {run['weights']})"
     return write_gallery(path or folder / "gallery.html", sections, labels, f"rewardlab search: {run['method']}",
                          allowed_roots=[folder], combine=combine)
+
+
+def ranking_gallery(path: str | os.PathLike, rows: Sequence, label: str,
+                    allowed_roots: Sequence[str | os.PathLike]) -> Path:
+    """The gallery of ``rewardlab rank``: ``rows`` carry ``image, prompt, score, rank, error`` (the scoring
+    CLI's rows); the rank-1 image of each prompt is marked chosen. Pass as ``allowed_roots`` the image
+    paths/folders named on the command line, or the folder of the ``--prompts-file``."""
+    sections: dict[str, list[GalleryImage]] = {}
+    for row in rows:
+        score = None if row.error or row.score is None or not math.isfinite(row.score) else float(row.score)
+        sections.setdefault(row.prompt, []).append(
+            GalleryImage(row.image, score, {label: score}, "chosen" if row.rank == 1 and score is not None else None,
+                         Path(str(row.image)).name, row.error))
+    return write_gallery(path, [GallerySection(p, items) for p, items in sections.items()], [label],
+                         f"rewardlab rank: {label}", allowed_roots=allowed_roots)
