@@ -22,6 +22,8 @@ LAZY_COMMANDS = {
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",
     "finetune": "rewardlab.align.cli:finetune_command",
+    "search": "rewardlab.search.cli:search_command",
+    "pairs": "rewardlab.search.cli:pairs_command",
 }
 
 

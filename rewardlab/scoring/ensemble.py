@@ -154,6 +154,16 @@ def combine(per_model: Mapping[str, torch.Tensor | Sequence[float]], weights: Ma
     return total
 
 
+@dataclass
+class EnsembleResult:
+    """``total[i]``: combined score (NaN for failed items), ``per_model[label][i]``: raw scores,
+    ``errors``: index -> message for every item that is NaN in ``total``."""
+
+    total: list[float]
+    per_model: dict[str, list[float]]
+    errors: dict[int, str]
+
+
 class RewardEnsemble:
     """Loaded scorers with weights: ``score`` (images/paths), ``score_tensors`` (differentiable pixels).
 
@@ -206,6 +216,39 @@ class RewardEnsemble:
             values = scorer.score_tensors(pixels01, prompts)
             per_model[label] = values.to(pixels01.device)
         return self.combine(per_model), per_model
+
+    def score_detailed(self, prompts: str | Sequence[str], images: Sequence, batch_size: int | None = None
+                       ) -> EnsembleResult:
+        """Score every item with every model (one batched call per model) without raising on bad items.
+
+        An item that a model cannot read or scores non-finite gets NaN in ``total`` and an entry in
+        ``errors``; it takes no part in the combination, so rank/z-score fusion of the other items is
+        the same as if it had not been given."""
+        images = list(images)
+        per_model: dict[str, list[float]] = {}
+        errors: dict[int, str] = {}
+        for label, scorer in zip(self.labels, self.scorers, strict=True):
+            result = scorer.score_detailed(prompts, images, batch_size=batch_size)
+            per_model[label] = list(result.scores)
+            for index, message in result.errors.items():
+                errors.setdefault(index, f"{label}: {message}")
+            for index, value in enumerate(result.scores):
+                if not math.isfinite(value) and index not in errors:
+                    errors[index] = f"{label}: non-finite score {value}"
+        return EnsembleResult(self.combine_finite(per_model), per_model, errors)
+
+    def combine_finite(self, per_model: Mapping[str, Sequence[float]]) -> list[float]:
+        """:meth:`combine` over the items finite for every model; NaN for the others (never ranked)."""
+        columns = {k: [float(v) for v in values] for k, values in per_model.items()}
+        count = len(next(iter(columns.values()), []))
+        good = [i for i in range(count) if all(math.isfinite(col[i]) for col in columns.values())]
+        total = [math.nan] * count
+        if good:
+            combined = self.combine({k: torch.tensor([col[i] for i in good], dtype=torch.float64)
+                                     for k, col in columns.items()})
+            for i, value in zip(good, combined.tolist(), strict=True):
+                total[i] = value
+        return total
 
     def score(self, prompts: str | Sequence[str], images: Sequence, batch_size: int | None = None
               ) -> tuple[list[float], dict[str, list[float]]]:

@@ -1,0 +1,221 @@
+"""A diffusers text-to-image pipeline behind the small interface search needs: noises in, images out,
+denoiser calls counted.
+
+Any pipeline whose ``__call__`` takes ``prompt``, ``latents``, ``num_inference_steps`` and ``output_type``
+works for best-of-N, random and zero-order search (Stable Diffusion 1.x/2.x, SDXL, FLUX, ...). Search over
+paths needs the step-by-step loop and runs on UNet pipelines without added conditioning (SD 1.x/2.x)
+with a DDIM scheduler, whose deterministic steps and closed-form re-noising it relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PathState:
+    """Latents of a batch of paths after ``step`` of the scheduler's timesteps have run."""
+
+    latents: torch.Tensor
+    step: int
+
+
+class DiffusersGenerator:
+    """Wraps a loaded diffusers pipeline. ``nfe`` counts denoiser evaluations per sample (a classifier-free
+    guidance step on one image counts 2: the UNet sees the conditional and unconditional input)."""
+
+    def __init__(self, pipe, num_inference_steps: int = 30, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 call_kwargs: dict[str, Any] | None = None):
+        if num_inference_steps < 1:
+            raise UsageError(f"num_inference_steps {num_inference_steps} must be at least 1")
+        self.pipe = pipe
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+        self.call_kwargs = dict(call_kwargs or {})
+        self.denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if self.denoiser is None:
+            raise UsageError(f"{type(pipe).__name__} has neither a unet nor a transformer",
+                             "pass a diffusers text-to-image pipeline")
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        sample = getattr(self.denoiser.config, "sample_size", None)
+        default = sample * scale if isinstance(sample, int) and self._is_unet else 1024
+        self.height = int(height or default)
+        self.width = int(width or default)
+        self.nfe = 0
+        self._hook = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def _is_unet(self) -> bool:
+        return getattr(self.pipe, "unet", None) is not None
+
+    def _count(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.nfe += int(sample.shape[0]) if isinstance(sample, torch.Tensor) else 1
+
+    def describe(self) -> dict:
+        """Settings recorded in a run's ``run.json`` (a resumed run must use the same ones)."""
+        return {"pipeline": type(self.pipe).__name__, "scheduler": type(self.pipe.scheduler).__name__,
+                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "height": self.height, "width": self.width, "negative_prompt": self.negative_prompt,
+                "latent_shape": list(self.latent_shape)}
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one initial noise, before any packing the pipeline does (FLUX packs 2x2 patches)."""
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if self._is_unet:
+            return (int(self.denoiser.config.in_channels), self.height // scale, self.width // scale)
+        channels = int(self.denoiser.config.in_channels)
+        if hasattr(self.pipe, "_pack_latents"):  # FLUX: in_channels counts the packed 2x2 patch
+            return (channels // 4, 2 * (self.height // (scale * 2)), 2 * (self.width // (scale * 2)))
+        return (channels, self.height // scale, self.width // scale)
+
+    def _pipeline_latents(self, noises: torch.Tensor) -> torch.Tensor:
+        dtype = getattr(self.denoiser, "dtype", torch.float32)
+        latents = noises.to(device=self.pipe.device, dtype=dtype)
+        if not self._is_unet and hasattr(self.pipe, "_pack_latents"):
+            b, c, h, w = latents.shape
+            latents = self.pipe._pack_latents(latents, b, c, h, w)
+        return latents
+
+    def _call_options(self) -> dict:
+        options = {"num_inference_steps": self.num_inference_steps, "height": self.height, "width": self.width,
+                   **self.call_kwargs}
+        if self.guidance_scale is not None:
+            options["guidance_scale"] = self.guidance_scale
+        if self.negative_prompt is not None:
+            options["negative_prompt"] = self.negative_prompt
+        return options
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, noises: torch.Tensor) -> list[np.ndarray]:
+        """Images (uint8 HWC) of ``prompt`` from initial ``noises`` of shape (B, *latent_shape)."""
+        if tuple(noises.shape[1:]) != self.latent_shape:
+            raise UsageError(f"noise shape {tuple(noises.shape[1:])} is not the pipeline's {self.latent_shape}")
+        options = self._call_options()
+        if "negative_prompt" in options:
+            options["negative_prompt"] = [options["negative_prompt"]] * len(noises)
+        out = self.pipe(prompt=[prompt] * len(noises), latents=self._pipeline_latents(noises), output_type="np",
+                        **options)
+        return [to_uint8(image) for image in out.images]
+
+    # -- step-by-step sampling, for search over paths ---------------------------------------------------
+
+    def check_paths(self) -> None:
+        """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised (SD + DDIM)."""
+        from diffusers import DDIMScheduler
+
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None or getattr(unet.config, "addition_embed_type", None) is not None \
+                or not hasattr(self.pipe, "encode_prompt"):
+            raise UsageError(f"search over paths needs a Stable Diffusion 1.x/2.x style pipeline, not "
+                             f"{type(self.pipe).__name__}", "use best-of-n, random or zero-order search")
+        if not isinstance(self.pipe.scheduler, DDIMScheduler):
+            raise UsageError(f"search over paths needs a DDIM scheduler, not {type(self.pipe.scheduler).__name__}",
+                             "set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+
+    def _guidance(self) -> tuple[float, bool]:
+        scale = 7.5 if self.guidance_scale is None else float(self.guidance_scale)
+        return scale, scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    @torch.inference_mode()
+    def _embeddings(self, prompt: str, count: int) -> torch.Tensor:
+        _, cfg = self._guidance()
+        positive, negative = self.pipe.encode_prompt(prompt, self.pipe.device, count, cfg,
+                                                     negative_prompt=self.negative_prompt)
+        return torch.cat([negative, positive]) if cfg else positive
+
+    def timesteps(self) -> torch.Tensor:
+        self.pipe.scheduler.set_timesteps(self.num_inference_steps, device=self.pipe.device)
+        return self.pipe.scheduler.timesteps
+
+    @torch.inference_mode()
+    def run_steps(self, prompt: str, state: PathState, end: int) -> tuple[PathState, torch.Tensor]:
+        """Run steps ``state.step .. end-1``; returns the new state and the predicted clean latents."""
+        scale, cfg = self._guidance()
+        timesteps = self.timesteps()
+        scheduler = self.pipe.scheduler
+        latents = state.latents.to(self.pipe.device, self.denoiser.dtype)
+        embeddings = self._embeddings(prompt, len(latents))
+        predicted = latents
+        for t in timesteps[state.step:end]:
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + scale * (cond - uncond)
+            out = scheduler.step(noise, t, latents)
+            latents, predicted = out.prev_sample, out.pred_original_sample
+        return PathState(latents, end), predicted
+
+    def start_paths(self, noises: torch.Tensor) -> PathState:
+        sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+        return PathState(noises.to(self.pipe.device, self.denoiser.dtype) * sigma, 0)
+
+    def renoise(self, state: PathState, back: int, noises: torch.Tensor) -> PathState:
+        """Move latents at ``state.step`` back ``back`` steps with the forward process q(x_s | x_t):
+        ``x_s = sqrt(a_s / a_t) x_t + sqrt(1 - a_s / a_t) eps`` (``a`` = cumulative alpha)."""
+        back = min(back, state.step)
+        if back == 0:
+            return state
+        timesteps = self.timesteps()
+        alphas = self.pipe.scheduler.alphas_cumprod.to(torch.float64)
+        ratio = float(alphas[int(timesteps[state.step - back])] / alphas[int(timesteps[state.step])]) \
+            if state.step < len(timesteps) else float(alphas[int(timesteps[state.step - back])])
+        latents = state.latents.double().cpu()
+        moved = ratio ** 0.5 * latents + (1.0 - ratio) ** 0.5 * noises.double().cpu()
+        return PathState(moved.to(self.pipe.device, self.denoiser.dtype), state.step - back)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Clean latents to uint8 images with the pipeline's VAE and post-processing."""
+        vae = self.pipe.vae
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(pixels, output_type="np",
+                                                        do_denormalize=[True] * len(pixels))
+        return [to_uint8(image) for image in images]
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A pipeline's float image in [0, 1] as uint8 (round half up, as PIL's ``numpy_to_pil`` does)."""
+    return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def load_pipeline(name_or_path: str, device: str | None = None, dtype: str | None = None,
+                  scheduler: str | None = None):
+    """``DiffusionPipeline.from_pretrained`` with an optional scheduler swap (``ddim``)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from ..scoring.scorer import DTYPES, resolve_device
+
+    target = resolve_device(device)
+    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if target.type == "cuda" else torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler not in (None, "default"):
+        raise UsageError(f"unknown scheduler {scheduler!r}", "use 'default' or 'ddim'")
+    return pipe.to(target)
+
+
+def batched(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
