@@ -363,4 +363,5 @@ def test_cli_runs_end_to_end_and_validates_before_loading(tmp_path):
     end = log[-1]
     assert end["event"] == "end" and {"base_reward", "base_heldout", "valid_reward", "valid_heldout"} <= set(end)
     assert (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
-    assert "gallery/step-00000000/0000.png" in (out / "gallery.html").read_text()
+    page = (out / "gallery.html").read_text()
+    assert "data:image/" in page and "base: step 0" in page and "now: step" in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -66,7 +67,7 @@ def test_prompts_file_min_score_csv_and_metadata(run, tiny_checkpoint, tiny_scor
     lines = out.read_text().splitlines()
     assert lines[0] == "image,prompt,score,error"
     assert len(lines) - 1 == sum(s >= threshold for s in expected)
-    stored = float(Image.open(images[0]).text["rewardlab:tiny-blip-reward"])
+    stored = float(Image.open(images[0]).text["rewardlab:tiny.safetensors"])
     assert stored == pytest.approx(expected[0], abs=1e-5)
 
 
@@ -75,3 +76,16 @@ def test_usage_errors(run, tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n')
     assert "line 1" in run("score", "-m", tiny_checkpoint, "--prompts-file", bad).output
+
+
+def test_rank_report_gallery_sorted_and_self_contained(image_dir, tiny_checkpoint, tmp_path):
+    report = tmp_path / "rank.html"
+    result = CliRunner().invoke(cli, ["rank", "-p", "a cat", str(image_dir), "-m", tiny_checkpoint, "--format", "jsonl",
+                                      "--report", str(report), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    page = report.read_text()
+    assert page.count("data:image/") == len(rows) == 5 and "tiny.safetensors" in page
+    names = [Path(r["image"]).name for r in sorted(rows, key=lambda r: r["rank"])]
+    positions = [page.index(name) for name in names]
+    assert positions == sorted(positions)  # best first, as ranked

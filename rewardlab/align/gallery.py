@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import html
 import io
 from pathlib import Path
 
 import torch
 
-from ..io.atomic import write_bytes, write_text
+from ..io.atomic import write_bytes
 
 
 def save_images(pixels01: torch.Tensor, folder: Path) -> list[str]:
@@ -28,31 +27,22 @@ def save_images(pixels01: torch.Tensor, folder: Path) -> list[str]:
     return names
 
 
-def _scores_html(scores: dict[str, float]) -> str:
-    return "<br>".join(f"{html.escape(label)}: {value:.4f}" for label, value in scores.items())
-
-
 def write_gallery(path: Path, prompts: list[str], seeds: list[int], base: dict, latest: dict, title: str) -> None:
     """``base`` / ``latest``: {"step", "folder" (relative to ``path``'s folder), "images", "scores": {label:
-    [per image]}}. One row per prompt: base image and scores, latest image and scores."""
-    def cell(run: dict, i: int) -> str:
-        image = html.escape(f"{run['folder']}/{run['images'][i]}", quote=True)
-        scores = {label: values[i] for label, values in run["scores"].items()}
-        return f'<td><img src="{image}" width="192"><div>{_scores_html(scores)}</div></td>'
+    [per image]}}. One section per prompt with the base image and the latest one, each with every reward's
+    score, through the shared gallery module (:mod:`rewardlab.report.gallery`)."""
+    from ..report.gallery import GalleryImage, GallerySection
+    from ..report.gallery import write_gallery as write_sections
 
-    def means(run: dict) -> str:
-        return _scores_html({label: sum(v) / len(v) for label, v in run["scores"].items()})
-
-    rows = "\n".join(
-        f"<tr><td>{html.escape(prompt)}<br><small>seed {seed}</small></td>{cell(base, i)}{cell(latest, i)}</tr>"
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)))
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:6px}} img{{image-rendering:pixelated}}</style>
-</head><body><h1>{html.escape(title)}</h1>
-<table><tr><th>prompt</th><th>base (step {base['step']})<br>{means(base)}</th>
-<th>now (step {latest['step']})<br>{means(latest)}</th></tr>
-{rows}
-</table></body></html>
-"""
-    write_text(path, page)
+    root = Path(path).parent
+    labels = list(latest["scores"])
+    sections = []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        items = []
+        for run, mark in ((base, "base"), (latest, "now")):
+            scores = {label: float(values[i]) for label, values in run["scores"].items()}
+            items.append(GalleryImage(str(root / run["folder"] / run["images"][i]), scores[labels[0]], scores,
+                                      mark if run is latest or base is not latest else "now",
+                                      f"{mark}: step {run['step']}"))
+        sections.append(GallerySection(prompt, items, note=f"seed {seed}"))
+    write_sections(path, sections, labels, title, allowed_roots=[root], sort=False)

@@ -80,7 +80,7 @@ def run_score(use_ray: bool, ray_address: str | None, workers: int | None, gpus_
               allow_outside_root: bool = False, **_unused) -> None:
     """``rewardlab score --ray --manifest FILE --output DIR``: Parquet shards, resumable."""
     check_ray_usage(use_ray, RAY_ONLY + MANIFEST_ONLY,
-                    ("prompt", "prompts_file", "fmt", "min_score", "top_k", "write_metadata"))
+                    ("prompt", "prompts_file", "fmt", "min_score", "top_k", "write_metadata", "report"))
     if images:
         raise click.UsageError("with --ray, list the images in --manifest, not as arguments")
     if not manifest or not output:

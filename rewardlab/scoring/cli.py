@@ -87,6 +87,8 @@ def _scoring_options(func: Callable) -> Callable:
         click.option("--write-metadata", is_flag=True,
                      help="Store the score in each PNG's text chunks, keeping every other chunk byte for byte "
                           "(other formats and animated PNGs: a .rewardlab.json sidecar)."),
+        click.option("--report", type=click.Path(dir_okay=False),
+                     help="Also write a self-contained HTML gallery: per prompt, images sorted by score."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
     ]
     for option in reversed(options):
@@ -193,7 +195,7 @@ def _emit(rows: list[Row], fmt: str, output: str | None, show_rank: bool) -> Non
 
 
 def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, checkpoint, batch_size, device, dtype,
-         fmt, output, min_score, top_k, write_metadata, no_progress) -> None:
+         fmt, output, min_score, top_k, write_metadata, report, no_progress) -> None:
     if min_score is not None and not math.isfinite(min_score):
         raise click.BadParameter(f"{min_score} is not a finite number", param_hint="--min-score")
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -201,8 +203,11 @@ def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, 
     jobs = _read_jobs(prompt, prompts_file, images, allow_outside_root)
     if output and Path(output).is_dir():
         raise click.BadParameter(f"{output} is a folder; give a file (folders are for --ray)", param_hint="--output")
+    inputs = [image for _, image in jobs] + ([prompts_file] if prompts_file else [])
     if output:
-        check_output_path(output, "--output", [image for _, image in jobs] + ([prompts_file] if prompts_file else []))
+        check_output_path(output, "--output", inputs)
+    if report:
+        check_output_path(report, "--report", inputs)
     rows, model_name = _score_jobs(jobs, model, checkpoint, batch_size, device, dtype, progress=not no_progress)
     failed = [r for r in rows if r.error]
     for r in failed:
@@ -220,6 +225,12 @@ def _run(ranked: bool, images, prompt, prompts_file, allow_outside_root, model, 
         kept = [r for r in kept if r.rank is not None and r.rank <= top_k]
     if ranked:
         kept.sort(key=lambda r: (r.prompt, r.rank))
+    if report:
+        from ..report.gallery import ranking_gallery
+
+        roots = [Path(prompts_file).parent] if prompts_file else [Path(item) for item in images]
+        ranking_gallery(report, rows, model_name, allowed_roots=roots)
+        click.echo(f"gallery written to {for_terminal(report)}", err=True)
     _emit(kept + ([] if (min_score is not None or top_k is not None) else failed), fmt, output, show_rank=ranked)
     if failed:
         click.echo(f"{len(failed)} of {len(rows)} images could not be scored", err=True)
