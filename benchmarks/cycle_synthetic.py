@@ -85,7 +85,7 @@ def main() -> None:
 
         cycle_rows = [json.loads(line) for split in ("train", "valid", "test")
                       for line in (out / f"{split}.jsonl").read_text().splitlines()]
-        cycle_pairs = [p for split in ("train", "valid", "test") for p in load_pair_file(out / f"{split}.jsonl")]
+        cycle_pairs = [p for split in ("train", "valid", "test") for p in load_pair_file(out / f"{split}.jsonl", allow_outside=True)]
         by_name = {g.name: g for g in generators}
         agree = judged = 0
         by_kind: dict[str, list[int]] = {}

@@ -147,7 +147,7 @@ def test_t2i2t_end_to_end_with_tiny_diffusers_and_real_sbert(tmp_path):
         expected += len(build_pairs(cands, PairRules(True, 0.005, 0.4)))
     assert expected == len(written)
     for split in ("train", "valid", "test"):
-        for pair in load_pair_file(tmp_path / "pairs" / f"{split}.jsonl"):
+        for pair in load_pair_file(tmp_path / "pairs" / f"{split}.jsonl", allow_outside=True):
             assert Image.open(pair.preferred_image).size == (16, 16)
 
 
@@ -200,7 +200,7 @@ def test_i2t2i_prefers_the_caption_that_reconstructs_best_and_cli_pairs(tmp_path
         correct = f"a {colour} picture"
         assert all(r["rejected_text"] != correct for r in by_input[input_id])
         assert sum(r["preferred_text"] == correct for r in by_input[input_id]) == 2
-    pairs = load_pair_file(tmp_path / "pairs" / f"{rows[0]['split']}.jsonl")
+    pairs = load_pair_file(tmp_path / "pairs" / f"{rows[0]['split']}.jsonl", allow_outside=True)
     assert pairs[0].preferred_image == pairs[0].rejected_image and Image.open(pairs[0].preferred_image).size == (16, 16)
 
 

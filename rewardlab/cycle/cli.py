@@ -42,12 +42,12 @@ def _seeds(value: str) -> list[int]:
 @contextmanager
 def _user_errors():
     """Bad inputs, manifests or options end the command with their message, not a traceback."""
-    from .pipeline import CycleInputError
+    from ..errors import DataError
 
     try:
         yield
-    except (CycleInputError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except FileNotFoundError as exc:  # rewardlab errors reach the CLI group, which prints them as one line
+        raise DataError(str(exc)) from None
 
 
 def _read(path: str, kind: str):
