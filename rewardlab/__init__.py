@@ -17,12 +17,12 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .registry import ModelSpec, get_spec, list_models
-from .scoring.loader import load, save_checkpoint
+from .scoring.loader import convert, load, save_checkpoint
 from .scoring.scorer import Ranking, Scorer, ScoreResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "save_checkpoint", "list_models", "get_spec", "ModelSpec", "Scorer", "ScoreResult", "Ranking",
+    "load", "convert", "save_checkpoint", "list_models", "get_spec", "ModelSpec", "Scorer", "ScoreResult", "Ranking",
     "RewardLabError", "UsageError", "ConfigError", "UnknownModelError", "DataError", "ImageLoadError",
     "CheckpointError", "WeightsNotFoundError", "NonFiniteError", "__version__",
 ]

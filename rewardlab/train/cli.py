@@ -32,15 +32,18 @@ def recipe_path(name_or_path: str) -> str:
                              "a reward checkpoint or a registry name.")
 @click.option("--resume-mismatch-ok", is_flag=True, default=None,
               help="Resume even if lr, batch size, data ... differ from the saved run's.")
+@click.option("--allow-outside-root", is_flag=True, default=None,
+              help="Allow image paths that leave the data file's folder (../, absolute paths).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config setting.")
-def train_command(config, data, valid_data, output_dir, init, resume_mismatch_ok, overrides) -> None:
+def train_command(config, data, valid_data, output_dir, init, resume_mismatch_ok, allow_outside_root, overrides
+                  ) -> None:
     """Train a reward model on preference pairs (Bradley–Terry); resumes an interrupted run in place.
 
     The output folder holds best.safetensors / final.safetensors, which rewardlab.load(path) reads."""
     from .trainer import TrainConfig, Trainer
 
     options = {"data": list(data), "valid_data": list(valid_data), "output_dir": output_dir, "init": init,
-               "resume_mismatch_ok": resume_mismatch_ok}
+               "resume_mismatch_ok": resume_mismatch_ok, "allow_outside_root": allow_outside_root}
     typed = {key: value for key, value in options.items() if value not in (None, [])}
     cfg = TrainConfig.from_yaml(recipe_path(config) if config else None, list(overrides), typed)
     trainer = Trainer(cfg)

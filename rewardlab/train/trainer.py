@@ -54,6 +54,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # KIND:PATH specs; several = mixed batches (Combo)
     valid_data: list[str] = field(default_factory=list)  # default: a split of ``data``
     image_root: str | None = None
+    allow_outside_root: bool = False  # image paths may leave the data file's folder (../, absolute)
     output_dir: str = "runs/reward"
     architecture: str = "imagereward-v1.0"  # registry model whose architecture/spec is trained
     spec_json: str | None = None  # a full spec instead (tiny test configurations)
@@ -255,7 +256,7 @@ class Trainer:
             raise ConfigError("no training data", "set `data` in the config or pass --data KIND:PATH")
         sources, valid = [], []
         for spec in c.data:
-            pairs = load_training_pairs(spec, c.image_root, "train", c.include_ties)
+            pairs = load_training_pairs(spec, c.image_root, "train", c.include_ties, c.allow_outside_root)
             if c.valid_data:
                 sources.append(pairs)
             else:
@@ -263,7 +264,7 @@ class Trainer:
                 sources.append(train)
                 valid += held_out
         for spec in c.valid_data:
-            valid += load_training_pairs(spec, c.image_root, "validation", c.include_ties)
+            valid += load_training_pairs(spec, c.image_root, "validation", c.include_ties, c.allow_outside_root)
         return sources, valid
 
     # -- logging -----------------------------------------------------------------------------------
