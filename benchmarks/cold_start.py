@@ -68,13 +68,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pt, safetensors = folder / "ImageReward.pt", folder / "ImageReward.safetensors"
-        subprocess.run([args.official_python, str(REPO / "tests" / "official_ref.py"), "--model", "imagereward",
+        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
                         "--seed", "0", "--checkpoint", str(pt), "--out", str(folder / "ref.json"), "--prompt", PROMPT,
                         IMAGES[0]], check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "rewardlab.cli", "convert", str(pt), str(safetensors)], check=True,
                        capture_output=True)
         configs = {
-            "official (.pt)": [args.official_python, "-c", OFFICIAL_CHILD, str(REPO / "tests"), str(pt), PROMPT, *IMAGES],
+            "official (.pt)": [args.official_python, "-c", OFFICIAL_CHILD, str(REPO / "rewardlab" / "testing" / "reference"), str(pt), PROMPT,
+                               *IMAGES],
             "rewardlab (.pt)": [sys.executable, "-c", REWARDLAB_CHILD, str(pt), PROMPT, *IMAGES],
             "rewardlab (.safetensors)": [sys.executable, "-c", REWARDLAB_CHILD, str(safetensors), PROMPT, *IMAGES],
         }

@@ -38,7 +38,7 @@ def main() -> None:
         ranking = [1, 2, 3, 4, 5, 6, 7, 8]
         pairs = len(images) * (len(images) - 1) // 2
         checkpoint, out = folder / "ir.pt", folder / "ref.json"
-        subprocess.run([args.official_python, str(REPO / "tests" / "official_ref.py"), "--model", "imagereward",
+        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
                         "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", PROMPT,
                         "--time-rank", str(args.repeats), *images], check=True, capture_output=True)
         official_pps = pairs / json.loads(out.read_text())["rank_seconds"]

@@ -81,7 +81,7 @@ def main() -> None:
         folder = Path(tmp)
         images = eight_images(folder)
         checkpoint, out = folder / "ir.pt", folder / "ref.json"
-        subprocess.run([args.official_python, str(REPO / "tests" / "official_ref.py"), "--model", "imagereward",
+        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
                         "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", PROMPT,
                         "--time-rank", str(args.repeats), *images], check=True, capture_output=True)
         ref = json.loads(out.read_text())

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "imagereward"
-OFFICIAL_PYTHON = Path(os.environ.get("REWARDLAB_OFFICIAL_VENV", REPO / ".official-venv")) / "bin" / "python"
-EXAMPLE_PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
-
-
-def example_images() -> list[str]:
-    return [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
-
-
-def official_python() -> str:
-    if not OFFICIAL_PYTHON.exists():
-        pytest.skip(f"official packages' venv not found at {OFFICIAL_PYTHON.parent.parent}; "
-                    "build it with ../shared/tools/official-env.sh .official-venv")
-    return str(OFFICIAL_PYTHON)
+from support import EXAMPLE_PROMPT, REPO, SHARED, example_images, official_python  # noqa: F401
 
 
 @pytest.fixture(scope="session")

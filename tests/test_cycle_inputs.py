@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_cycle import FixedCaptioner, PaintGenerator, PixelCaptioner
 
 from rewardlab.cli import cli
 from rewardlab.cycle import (
@@ -30,6 +30,7 @@ from rewardlab.cycle import (
     run_t2i2t,
     split_of,
 )
+from rewardlab.testing.cycle_models import FixedCaptioner, PaintGenerator, PixelCaptioner
 from rewardlab.train import load_pair_file
 
 
@@ -239,3 +240,31 @@ def test_exported_pairs_identical_for_every_manifest_order(tmp_path, kind):
         assert pairs == [("m4", "m1"), ("m4", "m2"), ("m4", "m3")]
     else:  # lower wins, winner <= 0.6; m2/m3 within the margin
         assert pairs == [("m1", "m2"), ("m1", "m3"), ("m1", "m4"), ("m2", "m4"), ("m3", "m4")]
+
+
+def test_ssim_distance_from_scikit_image_equals_the_hand_formula():
+    """The 1 − SSIM fallback now comes from scikit-image; it equals Wang et al.'s formula written out
+    (11×11 Gaussian window, σ = 1.5, valid region, population statistics) to 1e-6."""
+    import torch.nn.functional as F
+
+    from rewardlab.cycle.similarity import SsimDistance
+
+    def by_hand(distance, a, b):
+        coords = torch.arange(11, dtype=torch.float64) - 5
+        g = torch.exp(-(coords**2) / (2 * 1.5**2))
+        g = (g / g.sum()).float()
+        w = (g[:, None] * g[None, :])[None, None]
+        x, y = distance._luma(a), distance._luma(b)
+        mx, my = F.conv2d(x, w), F.conv2d(y, w)
+        vx, vy, cov = F.conv2d(x * x, w) - mx**2, F.conv2d(y * y, w) - my**2, F.conv2d(x * y, w) - mx * my
+        ssim = ((2 * mx * my + 1e-4) * (2 * cov + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+        return float(1 - ssim.mean())
+
+    rng = np.random.RandomState(0)
+    distance = SsimDistance()
+    for _ in range(3):
+        a = Image.fromarray((rng.rand(64, 80, 3) * 255).astype(np.uint8))
+        noisy = np.clip(np.asarray(a).astype(int) + rng.randint(-40, 40, (64, 80, 3)), 0, 255).astype(np.uint8)
+        b = Image.fromarray(noisy)
+        assert distance.distance(a, b) == pytest.approx(by_hand(distance, a, b), abs=1e-6)
+        assert distance.distance(a, a) == pytest.approx(0.0, abs=1e-9)

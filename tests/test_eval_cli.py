@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
-from test_eval_metrics import official_test_loop
+from support import official_test_loop
 
 from rewardlab.cli import cli
 from rewardlab.data import load_imagereward

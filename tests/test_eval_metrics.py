@@ -6,25 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from support import SHARED, official_test_loop
 
 from rewardlab.data import count_pairs, load_imagereward
 from rewardlab.eval import PairwiseAccuracy, RecallFilterAtK, rank_generators, tie_calibrated_accuracy
-
-
-def official_test_loop(all_scores, rankings):
-    """ImageReward's test procedure, written out plainly: every pair with different human ranks,
-    correct when the score order agrees (a predicted tie is wrong), pooled over prompts."""
-    correct = total = 0
-    for scores, ranking in zip(all_scores, rankings, strict=True):
-        for i in range(len(scores)):
-            for j in range(i + 1, len(scores)):
-                if ranking[i] == ranking[j]:
-                    continue
-                total += 1
-                if (ranking[i] < ranking[j] and scores[i] > scores[j]) or (ranking[i] > ranking[j] and scores[i] < scores[j]):
-                    correct += 1
-    return correct / total, total
 
 
 def test_hand_computed_accuracy_ties_single_and_all_equal():

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, example_images, official_python
 from PIL import Image
+from support import REPO, example_images, official_python
 
 import rewardlab
 from rewardlab.models.clip import convert_openai_state
@@ -40,7 +40,7 @@ def images(tmp_path_factory) -> list[str]:
 
 
 def _reference(model: str, images: list[str], folder: Path) -> dict:
-    subprocess.run([official_python(), str(REPO / "tests" / "official_baselines.py"), "--model", model, "--seed", "11",
+    subprocess.run([official_python(), str(REPO / "rewardlab" / "testing" / "reference" / "official_baselines.py"), "--model", model, "--seed", "11",
                     "--out-dir", str(folder), "--prompt", PROMPT, *images], check=True, capture_output=True, timeout=900)
     return json.loads((folder / f"{model}.json").read_text())
 
@@ -167,7 +167,7 @@ def test_pickscore_matches_published_recipe_on_transformers_4_46(images, tmp_pat
     floor = tmp_path / "floor.png"
     Image.fromarray((rng.rand(173, 302, 3) * 255).astype(np.uint8)).save(floor)
     paths, prompt = [str(floor), *images], "a cat’s toy &amp; a ball"
-    subprocess.run([official_python(), str(REPO / "tests" / "official_baselines.py"), "--model", "pickscore", "--seed", "5",
+    subprocess.run([official_python(), str(REPO / "rewardlab" / "testing" / "reference" / "official_baselines.py"), "--model", "pickscore", "--seed", "5",
                     "--out-dir", str(tmp_path), "--prompt", prompt, *paths], check=True, capture_output=True, timeout=900)
     ref = json.loads((tmp_path / "pickscore.json").read_text())
     spec = get_spec("pickscore-v1")

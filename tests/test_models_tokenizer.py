@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import official_python
+from support import official_python
 
 from rewardlab.models.clip import clean_prompt, fix_text_subset, tokenizer
 from rewardlab.registry import get_spec

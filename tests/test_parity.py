@@ -1,7 +1,7 @@
 """Numerical parity with the official image-reward 1.5 and cyclereward 0.1.7 packages.
 
 Both sides get the same seeded random weights (full-size ViT-L + BERT-base); the official side runs in
-its own venv (.official-venv) through tests/official_ref.py.
+its own venv (.official-venv) through rewardlab/testing/reference/official_ref.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_PROMPT, REPO, example_images, official_python
 from PIL import Image
+from support import EXAMPLE_PROMPT, REPO, example_images, official_python
 
 import rewardlab
 from rewardlab.io.images import open_image
@@ -73,7 +73,7 @@ def _official(model: str, images: list[str], folder: Path) -> tuple[dict, str]:
     out = folder / f"{model}.json"
     prompts = folder / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
-    cmd = [official_python(), str(REPO / "tests" / "official_ref.py"), "--model", model, "--seed", "1234",
+    cmd = [official_python(), str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", model, "--seed", "1234",
            "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", EXAMPLE_PROMPT,
            "--prompts-file", str(prompts), *images]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200)

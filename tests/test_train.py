@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, official_python
+from support import REPO, official_python
 
 import rewardlab
 from rewardlab.cli import cli
@@ -108,7 +108,7 @@ def test_freeze_ratio_matches_official_cyclereward(tmp_path):
         "import sys, json; sys.path.insert(0, {!r}); import official_ref as o\n"
         "m = o.build('cyclereward')\n"
         "print(json.dumps(sorted(n for n, p in m.named_parameters() if p.requires_grad)))\n"
-    ).format(str(REPO / "tests"))
+    ).format(str(REPO / "rewardlab" / "testing" / "reference"))
     out = subprocess.run([official_python(), "-c", script], check=True, capture_output=True, text=True, timeout=600)
     official = set(json.loads(out.stdout.strip().splitlines()[-1]))
     trainable, _ = _ours_frozen(0.7)

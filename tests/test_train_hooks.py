@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import official_python
+from support import official_python
 
 import rewardlab
 from rewardlab.errors import CheckpointError, UsageError

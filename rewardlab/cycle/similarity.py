@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 
@@ -63,13 +62,6 @@ class DreamSimDistance:
             return self.model(a, b).flatten().tolist()
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - size // 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = (g / g.sum()).float()
-    return (g[:, None] * g[None, :])[None, None]
-
-
 class SsimDistance:
     """Fallback image distance when DreamSim is unavailable: 1 − SSIM (Wang et al. 2004; 11×11 Gaussian
     window, σ = 1.5) of the luminance of both images resized to 128×128 bicubic. 0 for identical images,
@@ -80,21 +72,19 @@ class SsimDistance:
 
     def __init__(self, size: int = 128):
         self.size = size
-        self.window = _gaussian_window()
 
     def _luma(self, image: Image.Image) -> torch.Tensor:
         gray = image.convert("L").resize((self.size, self.size), Image.BICUBIC)
         return torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)[None, None]
 
     def distance(self, a: Image.Image, b: Image.Image) -> float:
-        x, y = self._luma(a), self._luma(b)
-        c1, c2 = 0.01**2, 0.03**2
-        mu_x, mu_y = F.conv2d(x, self.window), F.conv2d(y, self.window)
-        var_x = F.conv2d(x * x, self.window) - mu_x**2
-        var_y = F.conv2d(y * y, self.window) - mu_y**2
-        cov = F.conv2d(x * y, self.window) - mu_x * mu_y
-        ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-        return float(1.0 - ssim.mean())
+        """1 − SSIM by scikit-image (Gaussian weights σ = 1.5, population covariance, as Wang et al.)."""
+        from skimage.metrics import structural_similarity
+
+        x, y = self._luma(a)[0, 0].numpy(), self._luma(b)[0, 0].numpy()
+        ssim = structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=1.0)
+        return float(1.0 - ssim)
 
     def __call__(self, references: list[Image.Image], candidates: list[Image.Image]) -> list[float]:
         return [self.distance(a, b) for a, b in zip(references, candidates, strict=True)]

@@ -4,7 +4,7 @@ Builds the official ImageReward or CycleReward model, fills every parameter with
 of a realistic spread, saves that state dict in the official format, and writes the official scores,
 ranks and preprocessed pixels of the given images to a JSON file.
 
-    python tests/official_ref.py --model imagereward --seed 0 --checkpoint ckpt.pt --out ref.json \
+    python rewardlab/testing/reference/official_ref.py --model imagereward --seed 0 --checkpoint ckpt.pt --out ref.json \
         --prompt "a cat" img1.png img2.png ...
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-MED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagereward" / "med_config.json"
+MED_CONFIG = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagereward" / "med_config.json"
 
 
 def _patch_tokenizer() -> None:
@@ -40,7 +40,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     """rewardlab.testing.randomize, loaded by path: rewardlab itself is not installed in this venv."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("rl_testing", Path(__file__).resolve().parents[1] / "rewardlab" / "testing" / "__init__.py")
+    spec = importlib.util.spec_from_file_location("rl_testing", Path(__file__).resolve().parents[1] / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.randomize(model, seed)

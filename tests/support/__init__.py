@@ -1,0 +1,41 @@
+"""Test support shared by every test module (tests never import each other): paths to real data, the
+official packages' venv, and hand-written references."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data" / "imagereward"
+REFERENCE = REPO / "rewardlab" / "testing" / "reference"
+OFFICIAL_PYTHON = Path(os.environ.get("REWARDLAB_OFFICIAL_VENV", REPO / ".official-venv")) / "bin" / "python"
+EXAMPLE_PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
+
+
+def example_images() -> list[str]:
+    return [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
+
+
+def official_python() -> str:
+    if not OFFICIAL_PYTHON.exists():
+        pytest.skip(f"official packages' venv not found at {OFFICIAL_PYTHON.parent.parent}; "
+                    "build it with ../shared/tools/official-env.sh .official-venv")
+    return str(OFFICIAL_PYTHON)
+
+
+def official_test_loop(all_scores, rankings):
+    """ImageReward's test procedure, written out plainly: every pair with different human ranks,
+    correct when the score order agrees (a predicted tie is wrong), pooled over prompts."""
+    correct = total = 0
+    for scores, ranking in zip(all_scores, rankings, strict=True):
+        for i in range(len(scores)):
+            for j in range(i + 1, len(scores)):
+                if ranking[i] == ranking[j]:
+                    continue
+                total += 1
+                if (ranking[i] < ranking[j] and scores[i] > scores[j]) or (ranking[i] > ranking[j] and scores[i] < scores[j]):
+                    correct += 1
+    return correct / total, total
