@@ -20,6 +20,8 @@ LAZY_COMMANDS = {
     "eval": "rewardlab.eval.cli:eval_command",
     "train": "rewardlab.train.cli:train_command",
     "cycle": "rewardlab.cycle.cli:cycle_group",
+    "calibrate": "rewardlab.rl.cli:calibrate_command",
+    "serve": "rewardlab.serve.cli:serve_command",
 }
 
 
