@@ -235,6 +235,8 @@ class WorkerPool:
             try:
                 worker.start()
                 worker.failures = 0
+                if self._closed:  # closed while it was starting
+                    worker.stop()
                 return
             except WorkerCrashed as exc:
                 worker.failures += 1
