@@ -444,7 +444,10 @@ def test_worker_crash_fails_in_flight_with_503_and_restarts(tiny_checkpoint, tin
         with TestClient(create_app(svc)) as http:
             images = arrays(4, 50)
             body = {"prompts": "x", "images": [png64(a) for a in images]}
-            assert http.post("/v1/score", json=body).json()["scores"][label] == tiny_scorer.score("x", images, batch_size=4)
+            direct = tiny_scorer.score("x", images, batch_size=4)
+            # a CPU worker runs with fewer torch threads than this process: equal up to summation order
+            served = http.post("/v1/score", json=body).json()["scores"][label]
+            assert np.allclose(served, direct, atol=1e-5, rtol=0)
             pids = [w.pid for w in svc.backend.workers]
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)  # both frozen: the next batch is in flight on one of them
@@ -465,7 +468,7 @@ def test_worker_crash_fails_in_flight_with_503_and_restarts(tiny_checkpoint, tin
                     break
                 time.sleep(0.5)
             assert answer.status_code == 200
-            assert answer.json()["scores"][label] == tiny_scorer.score("x", images, batch_size=4)
+            assert np.allclose(answer.json()["scores"][label], direct, atol=1e-5, rtol=0)
             assert svc.backend.restarts >= 1 and all(w.pid not in pids for w in svc.backend.workers if w.pid)
     finally:
         svc.close()

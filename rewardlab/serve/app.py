@@ -32,6 +32,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.concurrency import run_in_threadpool
 
 from ..scoring.ensemble import NORMALIZATIONS, Calibration, combine, stats_by_label
 from ..scoring.scorer import ScoreResult
@@ -301,14 +302,23 @@ def create_app(service: ScoringService) -> FastAPI:
     async def score(request: Request) -> JSONResponse:
         async with service.handling(request, "/v1/score"):
             started = time.perf_counter()
-            req = _parse(ScoreRequest, await service.read_body(request))
-            if (req.images is None) == (req.paths is None):
-                raise RequestError(400, "give either 'images' (base64) or 'paths', not both or neither")
-            raw = req.images if req.images is not None else req.paths
-            prompts = check_prompts(req.prompts, len(raw), service.config.max_items)
-            labels = service.resolve_models(req.models)
-            weights = service.resolve_weights(labels, req.weights)
-            items = decode_base64_images(raw) if req.images is not None else resolve_paths(raw, service.config.allowed_root)
+            body = await service.read_body(request)
+
+            def parse(data: bytes) -> tuple:
+                req = _parse(ScoreRequest, data)
+                if (req.images is None) == (req.paths is None):
+                    raise RequestError(400, "give either 'images' (base64) or 'paths', not both or neither")
+                raw = req.images if req.images is not None else req.paths
+                prompts = check_prompts(req.prompts, len(raw), service.config.max_items)
+                labels = service.resolve_models(req.models)
+                weights = service.resolve_weights(labels, req.weights)
+                items = (decode_base64_images(raw) if req.images is not None
+                         else resolve_paths(raw, service.config.allowed_root))
+                return req, prompts, labels, weights, items
+
+            # JSON parsing and base64 decoding of large bodies run off the event loop
+            req, prompts, labels, weights, items = await run_in_threadpool(parse, body)
+            del body  # the decoded items are all that is kept while queued
             results = await service.score(labels, prompts, items)
             return JSONResponse(service.respond(labels, results, weights, len(labels) > 1 or req.weights is not None,
                                                 started))
@@ -318,7 +328,7 @@ def create_app(service: ScoringService) -> FastAPI:
         async with service.handling(request, "/v1/score/npy"):
             started = time.perf_counter()
             batch = parse_npy_body(await service.read_body(request), service.config.max_items,
-                                   service.config.max_image_side)
+                                   service.config.max_image_side)  # header checks only; the pixels are a view
             labels = service.resolve_models(batch.header.models)
             weights = service.resolve_weights(labels, batch.header.weights)
             results = await service.score(labels, batch.header.prompts, list(batch.array))
@@ -331,13 +341,20 @@ def create_app(service: ScoringService) -> FastAPI:
         extra_logs}``; any unreadable item fails the request (400) since a trainer cannot use a null reward."""
         async with service.handling(request, "/get_reward"):
             started = time.perf_counter()
-            req = _parse(RewardRequest, await service.read_body(request))
-            if req.prompts is None:
-                raise RequestError(400, "'prompts' (one text per image in 'query') is required")
-            prompts = check_prompts(req.prompts, len(req.query), service.config.max_items)
+            body = await service.read_body(request)
+
+            def parse(data: bytes) -> tuple:
+                req = _parse(RewardRequest, data)
+                if req.prompts is None:
+                    raise RequestError(400, "'prompts' (one text per image in 'query') is required")
+                return check_prompts(req.prompts, len(req.query), service.config.max_items), \
+                    decode_base64_images(req.query)
+
+            prompts, items = await run_in_threadpool(parse, body)
+            del body  # the decoded items are all that is kept while queued
             labels = list(service.labels)
             weights = service.resolve_weights(labels, None)
-            results = await service.score(labels, prompts, decode_base64_images(req.query))
+            results = await service.score(labels, prompts, items)
             out = service.respond(labels, results, weights, True, started)
             if out["errors"]:
                 raise RequestError(400, f"{len(out['errors'])} of {len(prompts)} images could not be scored",

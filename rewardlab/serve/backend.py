@@ -89,6 +89,7 @@ class WorkerSpec:
     device: str
     dtype: str | None = None
     start_timeout: float = 600.0
+    threads: int | None = None  # torch threads (CPU workers share the cores)
 
 
 class Worker:
@@ -113,6 +114,8 @@ class Worker:
                    "--models", json.dumps(self.spec.models)]
         if self.spec.dtype:
             command += ["--dtype", self.spec.dtype]
+        if self.spec.threads:
+            command += ["--threads", str(self.spec.threads)]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -169,7 +172,10 @@ class WorkerPool:
                  start_timeout: float = 600.0, max_restart_delay: float = 30.0):
         if not devices:
             raise ValueError("a worker pool needs at least one device")
-        self.workers = [Worker(WorkerSpec(list(models), d, dtype, start_timeout), i) for i, d in enumerate(devices)]
+        cpu_workers = sum(1 for d in devices if d == "cpu")
+        cpu_threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+        self.workers = [Worker(WorkerSpec(list(models), d, dtype, start_timeout, cpu_threads if d == "cpu" else None), i)
+                        for i, d in enumerate(devices)]
         self.max_restart_delay = max_restart_delay
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._slots = threading.Semaphore(len(self.workers))

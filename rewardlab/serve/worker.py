@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--models", required=True, help="JSON list of model names / checkpoint paths")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU workers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"worker[{args.device}] %(levelname)s %(name)s: %(message)s")
     protocol_out = os.fdopen(os.dup(1), "wb")
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     from .backend import load_models, model_info, score_batch
     from .protocol import read_frame, unpack_items, write_frame
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = f"cuda:{args.device}" if args.device.isdigit() else args.device
     scorers = load_models(json.loads(args.models), device, args.dtype)
     write_frame(protocol_out, {"models": [model_info(label, s) for label, s in scorers.items()]})
