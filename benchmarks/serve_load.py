@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -157,7 +159,15 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below on kill
     folder = Path(tempfile.mkdtemp(prefix="serve_load."))
+    try:
+        return run(args, folder, end)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, folder: Path, end: float) -> int:
     checkpoint = build_checkpoint(folder, args.full)
     rng = np.random.RandomState(0)
     total_requests = args.clients * args.requests

@@ -472,3 +472,24 @@ def test_worker_crash_fails_in_flight_with_503_and_restarts(tiny_checkpoint, tin
             assert svc.backend.restarts >= 1 and all(w.pid not in pids for w in svc.backend.workers if w.pid)
     finally:
         svc.close()
+
+
+def test_cancelled_request_does_not_break_its_batch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = threading.Event()
+    executor = ThreadPoolExecutor(1)
+
+    def run(prompts, items):
+        gate.wait(10)
+        return ScoreResult([float(i) for i in items], {})
+
+    batcher = DynamicBatcher("m", run, threading.Semaphore(1), executor, max_batch_size=8, max_wait_s=0.05)
+    gone = batcher.submit(["p"], [1])
+    kept = batcher.submit(["p"] * 2, [2, 3])
+    time.sleep(0.2)  # both in one running batch
+    assert gone.cancel()  # the client went away
+    gate.set()
+    assert kept.result(10).scores == [2.0, 3.0] and batcher.batches == [3]
+    batcher.close()
+    executor.shutdown()

@@ -9,6 +9,7 @@ up, so batches are full and nothing waits. Results are written back to each requ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..scoring.scorer import ScoreResult
@@ -50,11 +51,13 @@ class _Slice:
                 self.errors[index] = error
             self.left -= 1
             done = self.left == 0
-        if done and not self.future.done():
-            self.future.set_result(ScoreResult(self.scores, self.errors))
+        if done:
+            # the request may have been cancelled (client gone): never let that break the rest of the batch
+            with contextlib.suppress(InvalidStateError):
+                self.future.set_result(ScoreResult(self.scores, self.errors))
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
+        with contextlib.suppress(InvalidStateError):
             self.future.set_exception(exc)
 
 
