@@ -300,7 +300,8 @@ def test_flush_on_size_and_on_time():
 
 def test_overload_returns_429_without_growing_memory():
     backend = FakeBackend()
-    svc = ScoringService(backend, ServeConfig(max_queue=8, max_batch_size=4, max_wait_ms=0, max_requests=64))
+    svc = ScoringService(backend, ServeConfig(max_queue=8, max_items=8, max_batch_size=4, max_wait_ms=0,
+                                              max_requests=64))
     threads = []
     try:
         with TestClient(create_app(svc)) as http:
@@ -493,3 +494,29 @@ def test_cancelled_request_does_not_break_its_batch():
     assert kept.result(10).scores == [2.0, 3.0] and batcher.batches == [3]
     batcher.close()
     executor.shutdown()
+
+
+def test_inflight_body_bytes_are_bounded():
+    backend = FakeBackend()
+    svc = ScoringService(backend, ServeConfig(max_inflight_bytes=200_000, max_wait_ms=0))
+    payload = {"prompts": "x", "images": [base64.b64encode(bytes(90_000)).decode()]}  # ~120 KB body
+    results = []
+    try:
+        with TestClient(create_app(svc)) as http:
+            backend.gate.clear()
+            holder = threading.Thread(target=lambda: results.append(http.post("/v1/score", json=payload)))
+            holder.start()
+            deadline = time.monotonic() + 10
+            while svc._body_bytes == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = http.post("/v1/score", json=payload)
+            assert second.status_code == 429 and "bytes in flight" in second.json()["detail"]
+            backend.gate.set()
+            holder.join(20)
+            assert results[0].status_code == 200 and svc._body_bytes == 0
+            assert http.post("/v1/score", json=payload).status_code == 200
+    finally:
+        backend.gate.set()
+        svc.close()
+    with pytest.raises(ValueError, match="could never be queued"):
+        ServeConfig(max_items=100, max_queue=10)

@@ -64,6 +64,7 @@ class ServeConfig:
     max_queue: int = 1024  # queued items per model; beyond: 429
     max_requests: int = 256  # requests being read, parsed or waiting; beyond: 429 before the body is read
     max_body_bytes: int = 64 << 20
+    max_inflight_bytes: int = 1 << 30  # request bodies held at once, all requests together; beyond: 429
     max_items: int = 256  # images per request
     max_image_side: int = 4096  # .npy height/width limit
     allowed_root: Path | None = None
@@ -74,9 +75,13 @@ class ServeConfig:
     calibration: Mapping[str, Calibration] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_requests", "max_body_bytes", "max_items", "max_image_side"):
+        for name in ("max_batch_size", "max_queue", "max_requests", "max_body_bytes", "max_inflight_bytes",
+                     "max_items", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_items > self.max_queue:
+            raise ValueError(f"max_items ({self.max_items}) must not exceed max_queue ({self.max_queue}): "
+                             "such a request could never be queued")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ValueError("max_wait_ms must be within 0..10000")
         if self.normalize not in NORMALIZATIONS:
@@ -108,6 +113,7 @@ class ScoringService:
         backend.on_restart = self.m_restarts.inc
         self._admission = threading.Lock()
         self._active = 0
+        self._body_bytes = 0  # bytes of request bodies currently held
 
     # -- metrics ------------------------------------------------------------------------------------------
     def _setup_metrics(self) -> None:
@@ -160,6 +166,7 @@ class ScoringService:
             self.m_errors.labels("overload" if exc.status == 429 else "request").inc()
             raise
         self.m_active.inc()
+        request.state.body_bytes = 0
         try:
             yield
         except RequestError as exc:
@@ -168,10 +175,21 @@ class ScoringService:
         finally:
             with self._admission:
                 self._active -= 1
+                self._body_bytes -= request.state.body_bytes
             self.m_active.dec()
             self.m_latency.labels(endpoint).observe(time.perf_counter() - started)
 
+    def _reserve(self, request: Request, size: int) -> None:
+        """Count ``size`` more body bytes against the in-flight budget (429 when it is spent)."""
+        with self._admission:
+            if self._body_bytes + size > self.config.max_inflight_bytes:
+                raise RequestError(429, "too many request bytes in flight; retry later",
+                                   headers={"Retry-After": str(self.config.retry_after_s)})
+            self._body_bytes += size
+            request.state.body_bytes += size
+
     async def read_body(self, request: Request) -> bytes:
+        """The body, within ``max_body_bytes`` (413) and the in-flight byte budget (429)."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -181,11 +199,14 @@ class ScoringService:
                 raise RequestError(400, "bad Content-Length header") from None
             if size > limit:
                 raise RequestError(413, f"body of {size} bytes; the limit is {limit}")
+            self._reserve(request, size)
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
                 raise RequestError(413, f"body larger than the limit of {limit} bytes")
+            if declared is None or total > int(declared):
+                self._reserve(request, len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
 

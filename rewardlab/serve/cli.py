@@ -94,6 +94,8 @@ def choose_host(host: str | None, token: str | None) -> str:
 @click.option("--max-requests", type=click.IntRange(1), default=256, show_default=True,
               help="Requests in flight; beyond it 429 before the body is read.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 4096), default=64.0, show_default=True)
+@click.option("--max-inflight-mb", type=click.FloatRange(0.001, 1 << 20), default=1024.0, show_default=True,
+              help="Request bodies held at once (all requests); beyond it 429.")
 @click.option("--max-items", type=click.IntRange(1, 1024), default=256, show_default=True, help="Images per request.")
 @click.option("--max-image-side", type=click.IntRange(1, 65535), default=4096, show_default=True)
 @click.option("--allowed-root", type=click.Path(file_okay=False), default=None,
@@ -105,7 +107,7 @@ def choose_host(host: str | None, token: str | None) -> str:
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration JSON from `rewardlab calibrate` (for --normalize zscore).")
 def serve_command(models, host, port, devices, device, dtype, max_batch_size, max_wait_ms, max_queue, max_requests,
-                  max_body_mb, max_items, max_image_side, allowed_root, token, normalize, calibration) -> None:
+                  max_body_mb, max_inflight_mb, max_items, max_image_side, allowed_root, token, normalize, calibration) -> None:
     """Serve reward models over HTTP with dynamic batching (POST /v1/score, /v1/score/npy, /get_reward)."""
     import uvicorn
 
@@ -126,6 +128,7 @@ def serve_command(models, host, port, devices, device, dtype, max_batch_size, ma
     service = build_service(models, device_list, device, dtype, normalize, calibration,
                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                             max_requests=max_requests, max_body_bytes=int(max_body_mb * (1 << 20)),
+                            max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
                             max_items=max_items, max_image_side=max_image_side,
                             allowed_root=Path(allowed_root) if allowed_root else None, token=token or None)
     labels = ", ".join(service.labels)
