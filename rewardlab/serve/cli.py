@@ -96,7 +96,8 @@ def choose_host(host: str | None, token: str | None) -> str:
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 4096), default=64.0, show_default=True)
 @click.option("--max-inflight-mb", type=click.FloatRange(0.001, 1 << 20), default=1024.0, show_default=True,
               help="Request bodies held at once (all requests); beyond it 429.")
-@click.option("--max-items", type=click.IntRange(1, 1024), default=256, show_default=True, help="Images per request.")
+@click.option("--max-items", type=click.IntRange(1, 1024), default=None,
+              help="Images per request (default: 256, or --max-queue when smaller).")
 @click.option("--max-image-side", type=click.IntRange(1, 65535), default=4096, show_default=True)
 @click.option("--allowed-root", type=click.Path(file_okay=False), default=None,
               help="Folder whose images requests may name by path (paths are refused without it).")
@@ -125,6 +126,8 @@ def serve_command(models, host, port, devices, device, dtype, max_batch_size, ma
     if normalize == "zscore" and calibration is None and len(models) > 1:
         logger.warning("--normalize zscore without --calibration z-scores each request by its own mean/std")
     host = choose_host(host, token)
+    if max_items is None:
+        max_items = min(256, max_queue)
     service = build_service(models, device_list, device, dtype, normalize, calibration,
                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                             max_requests=max_requests, max_body_bytes=int(max_body_mb * (1 << 20)),
