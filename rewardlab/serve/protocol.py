@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +24,8 @@ MAX_PROMPT_CHARS = 4096
 MAX_MODELS = 16
 MAX_ITEMS = 1024  # hard ceiling of the per-request item limit (the server's own limit is lower)
 
-Prompt = str
+# one prompt for all images, or one per image (per-item lengths are checked by check_prompts)
+Prompts = Annotated[list[str], Field(max_length=MAX_ITEMS)] | Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class RequestError(Exception):
@@ -52,7 +53,7 @@ class _Strict(BaseModel):
 class ScoreRequest(_Strict):
     """``POST /v1/score``: one prompt per image (or one prompt for all), images as base64 or paths."""
 
-    prompts: list[str] | str = Field(max_length=MAX_ITEMS)
+    prompts: Prompts
     images: list[str] | None = Field(default=None, max_length=MAX_ITEMS)
     paths: list[str] | None = Field(default=None, max_length=MAX_ITEMS)
     models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
@@ -62,7 +63,7 @@ class ScoreRequest(_Strict):
 class NpyHeader(_Strict):
     """First line of ``POST /v1/score/npy``; an ``.npy`` uint8 (B, H, W, 3) array follows."""
 
-    prompts: list[str] | str = Field(max_length=MAX_ITEMS)
+    prompts: Prompts
     models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
     weights: dict[str, float] | None = Field(default=None, max_length=MAX_MODELS)
 
