@@ -230,20 +230,22 @@ def run(args, folder: Path, end: float) -> int:
             server.kill()
 
     _, direct_again_s = score_directly()  # again after the server phases: load on a shared machine drifts
+    direct_runs = (n_images / direct_s, n_images / direct_again_s)
     direct_s = min(direct_s, direct_again_s)  # the faster run: a conservative baseline
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     direct_rate = n_images / direct_s
     print(f"model: {'full-size random ImageReward' if args.full else 'tiny random BLIP reward'}; CPU: {cpu}, "
           f"{os.cpu_count()} cores; {n_images} images of {args.size}px, {args.images} per request")
-    print(f"direct (one process, batches of {args.max_batch_size}): {direct_rate:.1f} images/s "
-          f"(faster of two runs, before and after the served phases)")
+    print(f"direct (one process, batches of {args.max_batch_size}): {direct_rate:.3g} images/s "
+          f"(faster of two runs: {direct_runs[0]:.3g} before, {direct_runs[1]:.3g} after the served phases)")
     for name, phase in results.items():
-        print(f"served {name:>4} ({phase['clients']:3d} clients): {phase['images_per_s']:.1f} images/s "
-              f"= {phase['images_per_s'] / direct_rate:.0%} of direct; mean batch {phase['mean_batch']:.1f}; "
+        print(f"served {name:>4} ({phase['clients']:3d} clients): {phase['images_per_s']:.3g} images/s "
+              f"= {phase['images_per_s'] / direct_rate:.0%} of direct (of the slower direct run: "
+              f"{phase['images_per_s'] / min(direct_runs):.0%}); mean batch {phase['mean_batch']:.1f}; "
               f"p50 {phase['p50_ms']:.0f} ms, p99 {phase['p99_ms']:.0f} ms; peak server RSS {phase['peak_rss_mb']:.0f} MiB; "
               f"429s {phase['rejected_429']}; lost {phase['lost']}, misordered {phase['misordered']}")
-    print(json.dumps({"direct_images_per_s": direct_rate, "phases": results}))
+    print(json.dumps({"direct_images_per_s": direct_rate, "direct_runs": direct_runs, "phases": results}))
     bad = sum(p["lost"] + p["misordered"] for p in results.values())
     return 1 if bad else 0
 
