@@ -24,6 +24,8 @@ LAZY_COMMANDS = {
     "finetune": "rewardlab.align.cli:finetune_command",
     "search": "rewardlab.search.cli:search_command",
     "pairs": "rewardlab.search.cli:pairs_command",
+    "calibrate": "rewardlab.rl.cli:calibrate_command",
+    "serve": "rewardlab.serve.cli:serve_command",
 }
 
 

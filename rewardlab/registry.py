@@ -102,6 +102,7 @@ class ModelSpec:
     description: str = ""
     options: dict = field(default_factory=dict)  # architecture-specific build options (validated by the architecture)
     backbone_sources: tuple[WeightSource, ...] = ()  # a second weight file (aesthetic: the CLIP backbone)
+    score_range: str = ""  # scale, direction and typical range of the scores (`rewardlab models`)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data of every field (derived from the dataclass, so no field is forgotten)."""
@@ -124,7 +125,7 @@ class ModelSpec:
         for key in ("name", "architecture"):
             if not isinstance(values.get(key), str) or not values[key] or len(values[key]) > 200:
                 raise CheckpointError(f"{where}: field {key!r} must be a non-empty string (≤ 200 characters)")
-        for key in ("normalization", "licence", "description"):
+        for key in ("normalization", "licence", "description", "score_range"):
             if key in values and not isinstance(values[key], str):
                 raise CheckpointError(f"{where}: field {key!r} must be a string")
         max_tokens = values.get("max_tokens", 35)
@@ -156,6 +157,7 @@ class ModelSpec:
             "max_tokens": str(self.max_tokens),
             "prompt": "yes" if self.uses_prompt else "ignored",
             "output": self.normalization,
+            "range": self.score_range or "-",
             "licence": self.licence,
         }
 
@@ -208,6 +210,8 @@ register(
         licence="Apache-2.0",
         description="ImageReward v1.0 (Xu et al. 2023): BLIP ViT-L/16 + cross-attention BERT + linear MLP head.",
         options={"head": "linear", "mean": IMAGEREWARD_MEAN, "std": IMAGEREWARD_STD},
+        score_range="higher is better; z-scored head, ~N(0, 1) over generated images (about 62 % in [-1, 1], "
+                    "98 % in [-2, 2])",
     )
 )
 for _variant, _what in (
@@ -232,6 +236,7 @@ for _variant, _what in (
             licence="MIT",
             description=f"CycleReward (Bahng et al. 2025), {_what}: BLIP ViT-L/16 + GELU MLP head.",
             options={"head": "gelu", "mean": 0.0, "std": 1.0},
+            score_range="higher is better; raw head output, unbounded, no documented range (calibrate it)",
         )
     )
 
@@ -252,17 +257,20 @@ _OPENAI_L14 = WeightSource("hf", "openai/clip-vit-large-patch14", "model.safeten
 register(ModelSpec(
     name="clipscore-vit-l-14", architecture="clip", sources=(_OPENAI_L14,), max_tokens=77,
     normalization="cos(image, text) (ImageReward's CLIP baseline)", licence="MIT",
-    description="OpenAI CLIP ViT-L/14 cosine similarity.", options={"clip": _VIT_L_14, "output": "cosine"}))
+    description="OpenAI CLIP ViT-L/14 cosine similarity.", options={"clip": _VIT_L_14, "output": "cosine"},
+    score_range="higher is better; cosine in [-1, 1], typically ~0.15-0.35 for matching pairs"))
 register(ModelSpec(
     name="clipscore-vit-l-14-w2.5", architecture="clip", sources=(_OPENAI_L14,), max_tokens=77,
     normalization="2.5 * max(cos, 0) (CLIPScore, Hessel et al. 2021)", licence="MIT",
-    description="Standard CLIPScore on OpenAI CLIP ViT-L/14.", options={"clip": _VIT_L_14, "output": "clipscore", "w": 2.5}))
+    description="Standard CLIPScore on OpenAI CLIP ViT-L/14.", options={"clip": _VIT_L_14, "output": "clipscore", "w": 2.5},
+    score_range="higher is better; 2.5 * max(cos, 0) in [0, 2.5], typically ~0.4-0.9"))
 register(ModelSpec(
     name="blipscore", architecture="blip-score",
     sources=(WeightSource("url", "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth",
                           "model_large.pth"),),
     max_tokens=35, normalization="cos(vision_proj(image CLS), text_proj(text CLS))", licence="BSD-3-Clause",
-    description="BLIP-L image-text contrastive similarity (ImageReward's BLIP baseline).", options={"head": "itc"}))
+    description="BLIP-L image-text contrastive similarity (ImageReward's BLIP baseline).", options={"head": "itc"},
+    score_range="higher is better; cosine in [-1, 1], typically ~0.3-0.5 for matching pairs"))
 register(ModelSpec(
     name="aesthetic-laion-v2", architecture="clip",
     sources=(WeightSource("url", "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -270,16 +278,19 @@ register(ModelSpec(
     max_tokens=77, uses_prompt=False, normalization="MLP(L2-normalised CLIP image embedding); the prompt is ignored",
     licence="Apache-2.0 (predictor), MIT (CLIP)",
     description="LAION improved aesthetic predictor v2 on OpenAI CLIP ViT-L/14 image features.",
-    options={"clip": _VIT_L_14, "output": "aesthetic"}, backbone_sources=(_OPENAI_L14,)))
+    options={"clip": _VIT_L_14, "output": "aesthetic"}, backbone_sources=(_OPENAI_L14,),
+    score_range="higher is better; regressed on 1-10 ratings, typically ~4-7 (prompt ignored)"))
 register(ModelSpec(
     name="hpsv2.1", architecture="clip", sources=(WeightSource("hf", "xswu/HPSv2", "HPS_v2.1_compressed.pt"),),
     preprocess=Preprocess(backend="tensor", fit="pad"),
     max_tokens=77, normalization="cos(image, text) (HPS v2 score)", licence="Apache-2.0",
     description="Human Preference Score v2.1: open_clip ViT-H-14 fine-tuned on HPD v2 (keys converted).",
-    options={"clip": _VIT_H_14, "output": "cosine"}))
+    options={"clip": _VIT_H_14, "output": "cosine"},
+    score_range="higher is better; cosine, typically ~0.25-0.30 (x100 in the HPS v2 examples)"))
 register(ModelSpec(
     name="pickscore-v1", architecture="clip", sources=(WeightSource("hf", "yuvalkirstain/PickScore_v1", "model.safetensors"),),
     preprocess=Preprocess(crop="floor"),
     max_tokens=77, normalization="exp(logit_scale) * cos(image, text)", licence="MIT",
     description="PickScore v1: CLIP ViT-H-14 fine-tuned on Pick-a-Pic (processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
-    options={"clip": _VIT_H_14, "output": "logit", "text_cleaning": "none"}))  # AutoProcessor: fast tokenizer, no ftfy
+    options={"clip": _VIT_H_14, "output": "logit", "text_cleaning": "none"},
+    score_range="higher is better; 100 * cos, typically ~18-23 (Flow-GRPO divides by 26)"))  # AutoProcessor: fast tokenizer, no ftfy

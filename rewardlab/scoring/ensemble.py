@@ -196,12 +196,7 @@ class RewardEnsemble:
         return cls(scorers, [t.weight for t in terms], normalize, calibration)
 
     def _stats(self) -> dict[str, Calibration]:
-        by_label = {}
-        for label, scorer in zip(self.labels, self.scorers, strict=True):
-            stats = self.calibration.get(label) or self.calibration.get(scorer.name)
-            if stats is not None:
-                by_label[label] = stats
-        return by_label
+        return stats_by_label(self.labels, [s.name for s in self.scorers], self.calibration)
 
     def combine(self, per_model: Mapping[str, torch.Tensor | Sequence[float]]) -> torch.Tensor:
         return combine(per_model, self.weights, self.normalize, self._stats())
@@ -258,6 +253,17 @@ class RewardEnsemble:
                      for label, scorer in zip(self.labels, self.scorers, strict=True)}
         total = self.combine({k: torch.tensor(v, dtype=torch.float64) for k, v in per_model.items()})
         return total.tolist(), per_model
+
+
+def stats_by_label(labels: Sequence[str], names: Sequence[str], calibration: Mapping[str, Calibration]
+                   ) -> dict[str, Calibration]:
+    """Each model's calibration, looked up by its label first, then by its registry name."""
+    by_label = {}
+    for label, name in zip(labels, names, strict=True):
+        stats = calibration.get(label) or calibration.get(name)
+        if stats is not None:
+            by_label[label] = stats
+    return by_label
 
 
 def distinct_labels(labels: Sequence[str]) -> list[str]:
