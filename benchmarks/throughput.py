@@ -2,7 +2,8 @@
 
 Ranks 8 images for one prompt with ImageReward-v1.0 architecture and identical random weights:
 official = its per-image fp32 loop (`inference_rank`), rewardlab = batched fp32 and bf16 autocast.
-Prints images/s, the speed ratios, and the score deviations (fp32 and bf16 vs official).
+Prints images/s, the speed ratios, the score deviations (fp32 and bf16 vs official), and the fraction of
+this machine's large-GEMM FLOP/s (measured in the same run) that the scorer reaches.
 
     python benchmarks/throughput.py [--repeats 3] [--batch-size 8] [--models clipscore-vit-l-14 ...]
 """
@@ -50,6 +51,27 @@ def time_rewardlab(scorer, images: list[str], batch_size: int, repeats: int) -> 
     return len(images) * repeats / (time.perf_counter() - start), scores
 
 
+def gemm_flops_per_second(dtype, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's large-GEMM throughput (FLOP/s) for ``dtype``: a square matmul, after a warm-up."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_image(scorer, images: list[str], batch_size: int) -> float:
+    """FLOPs of one image through the model (matmuls, convolutions, attention), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        scorer.score(PROMPT, images[:batch_size], batch_size=batch_size)
+    return counter.get_total_flops() / min(batch_size, len(images))
+
+
 def extra_model_rows(names: list[str], images: list[str], batch_size: int, repeats: int, folder: Path) -> None:
     import rewardlab
     from rewardlab.registry import get_spec
@@ -88,12 +110,14 @@ def main() -> None:
         official_ips = len(images) / ref["rank_seconds"]
 
         rows = []
+        limits = {"fp32": gemm_flops_per_second(torch.float32), "bf16": gemm_flops_per_second(torch.bfloat16)}
         for dtype in ("fp32", "bf16"):
             scorer = rewardlab.load("imagereward-v1.0", checkpoint=checkpoint, dtype=dtype)
             ips, scores = time_rewardlab(scorer, images, args.batch_size, args.repeats)
             deviation = float(np.abs(np.array(scores) - np.array(ref["rank_scores"])).max())
             same_order = np.argsort(scores).tolist() == np.argsort(ref["rank_scores"]).tolist()
             rows.append((dtype, ips, deviation, same_order))
+        flops = flops_per_image(rewardlab.load("imagereward-v1.0", checkpoint=checkpoint), images, args.batch_size)
 
         from rewardlab.scoring.scorer import cpu_has_fast_bf16
 
@@ -105,6 +129,11 @@ def main() -> None:
             label = f"rewardlab {dtype} b{args.batch_size}"
             print(f"{label:<28}{ips:>8.2f}{1 / ips:>8.3f}{ips / official_ips:>12.2f}x{deviation:>10.1e}  "
                   f"{'identical' if same_order else 'DIFFERENT'}")
+        print(f"\nmodel FLOPs per image (torch FlopCounterMode): {flops / 1e9:.1f} GFLOP")
+        for dtype, ips, _, _ in rows:
+            achieved = flops * ips
+            print(f"{dtype}: machine GEMM limit {limits[dtype] / 1e9:.1f} GFLOP/s, scorer {achieved / 1e9:.1f} GFLOP/s "
+                  f"= {achieved / limits[dtype]:.0%} of the limit")
         if args.models:
             from rewardlab import list_models
 

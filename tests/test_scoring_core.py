@@ -143,3 +143,11 @@ def test_ensemble_is_differentiable_and_labels_distinct(tiny_checkpoint, tmp_pat
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
     same = RewardEnsemble([ensemble.scorers[0], ensemble.scorers[0]])
     assert same.labels == ["tiny.safetensors", "tiny.safetensors#2"]
+
+
+@pytest.mark.slow
+def test_compiled_scorer_gives_the_same_scores(tiny_checkpoint, image_dir):
+    images = sorted(str(p) for p in image_dir.glob("*.png"))
+    eager = rewardlab.load(tiny_checkpoint).score("a cat", images, batch_size=3)
+    compiled = rewardlab.load(tiny_checkpoint, compile=True).score("a cat", images, batch_size=3)
+    assert compiled == pytest.approx(eager, abs=1e-5)

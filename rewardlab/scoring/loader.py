@@ -90,20 +90,26 @@ def _backbone_reader(spec: ModelSpec) -> Callable[[], dict[str, torch.Tensor]] |
 
 
 def load(name: str | os.PathLike | ModelSpec, checkpoint: str | os.PathLike | None = None,
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Scorer:
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         compile: bool = False) -> Scorer:
     """Load a reward model as a :class:`Scorer`.
 
     ``name`` is a registry name (``rewardlab.list_models()``), a checkpoint file whose architecture is
     detected from its keys (or its embedded rewardlab spec), or a :class:`ModelSpec`. Weights come from
     ``checkpoint`` if given, else the huggingface_hub cache or a download. Every checkpoint key must match the
-    model. ``dtype``: fp32 (default on CPU: exact), bf16 (default on CUDA), fp16.
+    model. ``dtype``: fp32 (default on CPU: exact), bf16 (default on CUDA), fp16. ``compile=True`` runs the
+    batched forward through ``torch.compile`` (same scores within 1e-5; the first call compiles).
     """
     resolved_device = resolve_device(device)  # options are checked before any file is read
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     spec, model, weights, label = load_model(name, checkpoint)
     model.to(resolved_device)
     arch = get_architecture(spec.architecture)
-    return Scorer(spec, model, arch.tokenizer(spec), resolved_device, resolved_dtype, checkpoint=weights, label=label)
+    scorer = Scorer(spec, model, arch.tokenizer(spec), resolved_device, resolved_dtype, checkpoint=weights,
+                    label=label)
+    if compile:
+        scorer.compile()
+    return scorer
 
 
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike) -> None:

@@ -161,6 +161,11 @@ class Scorer:
         self.checkpoint = checkpoint
         self.default_batch_size = 64 if device.type == "cuda" else 16
         self.collator = Collator(spec.preprocess, tokenizer, device)
+        self._batched_forward = model
+
+    def compile(self, **options) -> None:
+        """Run the batched forward of ``score``/``rank`` through ``torch.compile`` (dynamic shapes)."""
+        self._batched_forward = torch.compile(self.model, dynamic=True, **options)
 
     @property
     def name(self) -> str:
@@ -183,7 +188,7 @@ class Scorer:
     def run_batch(self, batch: Batch) -> torch.Tensor:
         """Scores (float32, on the model's device) of a collated batch's rows."""
         with self._autocast():
-            values = self.model(batch.pixels, batch.text, batch.image_index, batch.text_index).float()
+            values = self._batched_forward(batch.pixels, batch.text, batch.image_index, batch.text_index).float()
         self._check_finite(values, batch.rows)
         return values
 
