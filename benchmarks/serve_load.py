@@ -3,6 +3,9 @@
     python benchmarks/serve_load.py                    # tiny random BLIP reward (seconds)
     python benchmarks/serve_load.py --full             # full-size random ImageReward (CPU: minutes)
 
+On a CPU shared with other work, pass ``--threads 1``: torch's OpenMP threads spin-wait on each other,
+and a preempted thread can make a forward pass 10-40x slower, which drowns any comparison.
+
 Phases (each bounded by --requests and --time-limit):
 1. direct: the scorer in this process scores all C x R x K images in batches of --max-batch-size;
 2. served 1x: C client threads each send R requests of K uint8 images (POST /v1/score/npy);
