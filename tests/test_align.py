@@ -285,13 +285,13 @@ def test_prompt_files_refl_data_text_jsonl(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n"b"\n{"text": "c"}\n')
     assert load_prompts(tmp_path / "p.jsonl") == ["a", "b", "c"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2 field 'text': prompt must be a string"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2 field 'text': prompt must be a string"):
         load_prompts(tmp_path / "bad.jsonl")
     (tmp_path / "bad.json").write_text('[{"text": "a"}, {"image": "x"}]')
-    with pytest.raises(DataError, match=r"bad.json item 1: no prompt field"):
+    with pytest.raises(DataError, match=r"bad.json item 2: no prompt field"):
         load_prompts(tmp_path / "bad.json")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(DataError, match=r"broken.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl line 2: not valid JSON"):
         load_prompts(tmp_path / "broken.jsonl")
 
 
@@ -303,7 +303,7 @@ def test_image_text_pairs_validated(tmp_path):
     pairs = load_image_text_pairs(tmp_path / "pairs.jsonl")
     assert pairs[0].image == str(tmp_path / "a.png") and pairs[0].text == "red"
     (tmp_path / "missing.jsonl").write_text('{"file_name": "a.png", "text": "red"}\n{"image": "b.png", "text": "x"}\n')
-    with pytest.raises(DataError, match=r"missing.jsonl:2 field 'image': image .*b.png not found"):
+    with pytest.raises(DataError, match=r"missing.jsonl line 2 field 'image': image .*b.png not found"):
         load_image_text_pairs(tmp_path / "missing.jsonl")
 
 

@@ -17,7 +17,6 @@ Every problem raises :class:`DataError` naming the file and line (or list index)
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..io.records import read_records
 
 PROMPT_KEYS = ("text", "prompt")
 IMAGE_KEYS = ("image", "file_name", "path")
@@ -53,30 +53,8 @@ def _prompt_from_row(row, where: str) -> str:
 
 
 def _json_rows(path: Path) -> list[tuple[str, object]]:
-    """(location, row) for every row of a .json list or .jsonl file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    return [(f"{path} item {i}", row) for i, row in enumerate(data)]
+    """(location, row) for every row of a .json list or .jsonl file (rows may be objects or strings)."""
+    return [(record.where, record.row) for record in read_records(path, objects_only=False)]
 
 
 def load_prompts(path: str | Path) -> list[str]:

@@ -81,9 +81,9 @@ class Record:
             raise self.error(f"missing field(s) {', '.join(missing)} (has: {', '.join(sorted(self.row)) or 'nothing'})")
 
 
-def read_records(path: str | os.PathLike) -> list[Record]:
+def read_records(path: str | os.PathLike, objects_only: bool = True) -> list[Record]:
     """Rows of a ``.jsonl`` (one object per line; blank lines skipped), ``.json`` (a list of objects) or
-    ``.parquet`` file."""
+    ``.parquet`` file. ``objects_only=False`` also keeps rows that are plain values (a list of strings)."""
     path = check_regular_file(path)
     if path.stat().st_size > MAX_DATA_FILE_BYTES:
         raise DataError(f"{path} is larger than 4 GiB", "split it into shards")
@@ -119,7 +119,7 @@ def read_records(path: str | os.PathLike) -> list[Record]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
             records.append(Record(path, number, item))
-    for record in records:
+    for record in records if objects_only else ():
         if not isinstance(record.row, dict):
             raise record.error(f"expected a JSON object, got {type(record.row).__name__}")
     return records
