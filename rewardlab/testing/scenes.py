@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .shapes import draw_shape
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 60, 230), "yellow": (235, 215, 30)}
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "above")  # the first object is left of / above the second
@@ -64,14 +66,7 @@ class Drawn:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, box: tuple[int, int, int, int]) -> None:
-    x0, y0, x1, y1 = box
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    draw_shape(draw, COLOURS[colour], shape, box)
 
 
 def render(drawn: Drawn, rng: random.Random) -> Image.Image:

@@ -15,15 +15,19 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32) -> Image.I
     draw = ImageDraw.Draw(image)
     extent = rng.randint(size // 2, size - 6)
     x, y = rng.randint(2, size - extent - 2), rng.randint(2, size - extent - 2)
-    box = (x, y, x + extent, y + extent)
-    fill = COLOURS[colour]
+    draw_shape(draw, COLOURS[colour], shape, (x, y, x + extent, y + extent))
+    return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, fill: tuple[int, int, int], shape: str, box: tuple[int, int, int, int]) -> None:
+    """A filled circle, square or (upward) triangle inside ``box``."""
+    x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(x + extent / 2, y), (x, y + extent), (x + extent, y + extent)], fill=fill)
-    return image
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
 def make_pairs(count: int, seed: int):
