@@ -1,16 +1,15 @@
-"""The bundled CLIP tokenizer against OpenAI's ``clip.tokenize`` on real prompts, with and without ftfy."""
+"""The shipped CLIP tokenizer (``clip_tokenizer.json``) against OpenAI's ``clip.tokenize`` on real prompts."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from support import official_python
 
-from rewardlab.models.clip import clean_prompt, fix_text_subset, tokenizer
+from rewardlab.models.clip import build_clip_tokenizer, clean_prompt, clip_bpe_tokenizer, tokenizer
 from rewardlab.registry import get_spec
 
 pytestmark = pytest.mark.parity
@@ -45,24 +44,21 @@ def _mismatches(prompts: list[str], reference: list[list[int]], model: str = "cl
                                             reference, strict=True) if ids[: sum(mask)] != ref[: ref.index(49407) + 1]]
 
 
-def test_tokens_equal_openai_on_3566_real_prompts_with_ftfy(reference):
-    pytest.importorskip("ftfy")
+def test_tokens_equal_openai_on_3566_real_prompts(reference):
     prompts, ref = reference
     assert len(prompts) == len(HARD) + 466 + 100 + 3000
     assert _mismatches(prompts, ref) == []
 
 
-def test_tokens_equal_openai_on_real_prompts_without_ftfy(reference, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ftfy", None)  # the import fails: the built-in subset is used
-    prompts, ref = reference
-    assert _mismatches(prompts, ref) == []
-
-
-def test_fix_text_subset_by_hand():
-    assert fix_text_subset("he’s “quoted” ‚x‛") == "he's \"quoted\" 'x'"
-    assert fix_text_subset("ａ，ｂ　ﬁ") == "a,b fi"
-    assert fix_text_subset("café 猫 — ok") == "café 猫 — ok"  # everything else untouched
-    assert clean_prompt("  a &amp;amp; b  ") == "a & b"
+def test_shipped_tokenizer_json_equals_a_fresh_build():
+    """The shipped file is what scripts/build_clip_tokenizer.py builds from the BPE vocabulary."""
+    shipped, fresh = clip_bpe_tokenizer(77), build_clip_tokenizer()
+    fresh.enable_truncation(max_length=77)
+    fresh.enable_padding(pad_id=49407, pad_token="<|endoftext|>")
+    prompts = HARD + ["a photo of a cat", "x" * 500, ""]
+    assert [e.ids for e in shipped.encode_batch(prompts)] == [e.ids for e in fresh.encode_batch(prompts)]
+    assert shipped.get_vocab_size() == fresh.get_vocab_size() == 49408
+    assert clean_prompt("  a &amp;amp; b  ") == "a & b" and clean_prompt("he’s") == "he's"
 
 
 HF_FAST = """

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import re
-import unicodedata
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -252,6 +250,9 @@ def convert_state(state: dict[str, torch.Tensor], spec: ModelSpec,
 
 # -- tokenizer --------------------------------------------------------------------------------------
 
+CLIP_TOKENIZER_FILE = "clip_tokenizer.json"
+
+
 def _byte_chars() -> list[str]:
     """CLIP's byte-level alphabet in vocabulary order: printable bytes as themselves, then the other
     bytes mapped to code points from 256 on, in byte order."""
@@ -260,9 +261,10 @@ def _byte_chars() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
-@cache
-def clip_bpe_tokenizer(max_tokens: int = 77):
-    """CLIP's byte-level BPE (49,408 tokens) built in memory from the vocabulary file shipped in the package."""
+def build_clip_tokenizer():
+    """CLIP's byte-level BPE (49,408 tokens) built from the vocabulary file shipped in the package
+    (openai-clip's ``bpe_simple_vocab_16e6.txt.gz``, MIT). ``scripts/build_clip_tokenizer.py`` saves it as
+    ``assets/clip_tokenizer.json``, which :func:`clip_bpe_tokenizer` loads; a test checks they are equal."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     path = resources.files("rewardlab.models") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -283,32 +285,28 @@ def clip_bpe_tokenizer(max_tokens: int = 77):
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 49406), ("<|endoftext|>", 49407)])
     tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    return tok
+
+
+@cache
+def clip_bpe_tokenizer(max_tokens: int = 77):
+    """The shipped ``clip_tokenizer.json`` (loaded by ``tokenizers``), truncating to ``max_tokens`` and padding
+    with ``<|endoftext|>``."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(resources.files("rewardlab.models") / "assets" / CLIP_TOKENIZER_FILE))
     tok.enable_truncation(max_length=max_tokens)
     tok.enable_padding(pad_id=49407, pad_token="<|endoftext|>")
     return tok
 
 
-_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
-_WIDE_OR_LIGATURE = re.compile("[\u3000\uff01-\uff5e\ufb00-\ufb06]")
-
-
-def fix_text_subset(text: str) -> str:
-    """Without ftfy: the parts of ``ftfy.fix_text`` that change real prompts' tokens (curly quotes straightened,
-    full-width characters and Latin ligatures decomposed); mojibake repair is not attempted."""
-    text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
-    return _WIDE_OR_LIGATURE.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
-
-
 def clean_prompt(text: str) -> str:
     """OpenAI CLIP's / open_clip's prompt cleaning: ``ftfy.fix_text`` (curly quotes, full-width forms, mojibake
-    ...), then HTML entities decoded twice, then stripped. Without ftfy installed, :func:`fix_text_subset`."""
+    ...), then HTML entities decoded twice, then stripped."""
     import html
 
-    try:
-        from ftfy import fix_text
-    except ImportError:
-        fix_text = fix_text_subset
+    from ftfy import fix_text
+
     return html.unescape(html.unescape(fix_text(text))).strip()
 
 
