@@ -83,7 +83,7 @@ def test_two_models_and_html_report(dataset, tiny_checkpoint, tmp_path):
     assert result.exit_code == 0
     page = report.read_text()
     assert page.count("<svg") == 2 and "other.safetensors" in page and "tiny.safetensors" in page
-    assert page.count("data:image/jpeg;base64") >= 3 * 4 and "Accuracy by images per prompt" in page
+    assert page.count("data:image/png;base64") >= 3 * 4 and "Accuracy by images per prompt" in page
     assert "http://" not in page and "https://" not in page  # self-contained
 
 

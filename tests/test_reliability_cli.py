@@ -181,3 +181,29 @@ def test_float_arrays_outside_unit_range_are_refused_with_a_hint(tiny_scorer):
     result = tiny_scorer.score_detailed("x", [bright, bright / 255.0])
     assert "outside [0, 1]" in result.errors[0] and "divide 0-255 values by 255" in result.errors[0]
     assert 1 not in result.errors and np.isfinite(result.scores[1])
+
+
+def test_eval_report_never_embeds_images_outside_the_data_folder(tmp_path, tiny_checkpoint):
+    """A data file naming ../secret/private.png (or an absolute path) is refused; the report is not written.
+    With --allow-outside-root the user takes responsibility and the images are scored and shown."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (40, 40), "red").save(secret / "private.png")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (40, 40), "blue").save(data / "ok.png")
+    rows = [{"prompt": "p", "image_a": "ok.png", "image_b": "../secret/private.png", "label": "a"}]
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "report.html"
+    result = run("eval", "-m", tiny_checkpoint, "-d", f"pairs:{data / 'pairs.jsonl'}", "--report", report,
+                 "--no-cache", "--no-progress")
+    line = one_error_line(result)
+    assert result.exit_code == 1 and "pairs.jsonl line 1 image_b" in line and "outside the data folder" in line
+    assert not report.exists()
+    rows[0]["image_b"] = str(secret / "private.png")
+    (data / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert "outside the data folder" in one_error_line(
+        run("eval", "-m", tiny_checkpoint, "-d", f"pairs:{data / 'pairs.jsonl'}", "--no-cache", "--no-progress"))
+    result = run("eval", "-m", tiny_checkpoint, "-d", f"pairs:{data / 'pairs.jsonl'}", "--report", report,
+                 "--no-cache", "--no-progress", "--allow-outside-root")
+    assert result.exit_code == 0 and report.read_text().count("data:image/") == 4  # 2 images x (human + model)

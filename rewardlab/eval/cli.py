@@ -48,6 +48,21 @@ def generator_groups(root: str, prompts_file: str) -> tuple[list[Group], list[st
     return groups, generators
 
 
+def _report_roots(data: str, image_root: str | None, allow_outside: bool) -> list[str]:
+    """Folders whose image files the report may embed: the data folder (or image root) only, unless the user
+    allowed paths outside it."""
+    from ..data.sources import parse_source
+
+    if allow_outside:
+        return ["/"]
+    if image_root:
+        return [image_root]
+    if data.startswith("generators:"):
+        return [data.partition(":")[2]]
+    source = parse_source(data)
+    return [] if source.kind == "hf" and not Path(source.path).exists() else [str(Path(source.path).parent)]
+
+
 def _finite_or_none(value):
     """JSON has no NaN: undefined metrics (e.g. no pairs) are written as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -168,7 +183,8 @@ def eval_command(models, checkpoints, data, image_root, allow_outside_root, spli
     if report:
         from .report import write_report
 
-        write_report(report, results, groups, extra=extra or None)
+        write_report(report, results, groups, extra=extra or None,
+                     allowed_roots=_report_roots(data, image_root, allow_outside_root))
         click.echo(f"report written to {report}")
     if store:
         store.close()

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..data.groups import Group
 from .runner import EvalResult
-
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}.hist{display:inline-block;margin:6px 16px 6px 0}
-.ex{margin:10px 0}.ex img{width:72px;height:72px;object-fit:cover;margin:2px;border:1px solid #bbb}
-.cap{font-size:12px;color:#555}.row{display:flex;align-items:center;gap:6px}.row b{width:150px;font-size:13px}
-.fig{display:inline-block;text-align:center;font-size:11px}
-"""
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -49,75 +39,46 @@ def histogram_svg(values: list[float], title: str, bins: int = 20, width: int = 
             f"<line x1='30' y1='{height - 20}' x2='{width - 10}' y2='{height - 20}' stroke='#333'/></svg></div>")
 
 
-def _thumbnail(image) -> str:
-    from ..io.images import open_image
-
-    try:
-        pil = open_image(image).convert("RGB")
-    except Exception:
-        return "<span class='cap'>(unreadable)</span>"
-    pil.thumbnail((96, 96))
-    buffer = io.BytesIO()
-    pil.save(buffer, format="JPEG", quality=80)
-    return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
-
-
 def render_report(results: list[EvalResult], groups: list[Group], title: str = "rewardlab evaluation",
-                  examples: int = 4, extra: dict | None = None) -> str:
-    """The report page as one HTML string (no external files)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append(f"<p>{len(groups)} groups. Accuracy: pairs with different human ranks, pooled "
-                 "(ImageReward test procedure; equal scores count as wrong); CI: 95% bootstrap over groups.</p>")
+                  examples: int = 4, extra: dict | None = None,
+                  allowed_roots: Sequence[str | os.PathLike] = ()) -> str:
+    """The report page as one HTML string (no external files), from ``report/templates/eval_report.html.j2``.
+    Image files are embedded only inside ``allowed_roots`` (the data folder)."""
+    from markupsafe import Markup
+
+    from ..report.gallery import template_environment, thumbnail_src
+
+    roots = [Path(r).resolve() for r in allowed_roots]
     keys = ["macro_accuracy", "tie_aware_accuracy"] + [k for k in results[0].metrics if "@" in k]
-    header = "".join(f"<th>{html.escape(k.replace('_accuracy', ''))}</th>" for k in keys)
-    parts.append("<h2>Metrics</h2><table id='metrics'><tr><th class='l'>model</th><th>pairs</th><th>accuracy</th>"
-                 f"<th>95% CI</th>{header}</tr>")
-    for r in results:
-        m = r.metrics
-        cells = "".join(f"<td>{_fmt(m[k])}</td>" for k in keys)
-        ci = f"{_fmt(m['ci95'][0])}–{_fmt(m['ci95'][1])}"
-        parts.append(f"<tr><td class='l'>{html.escape(r.model)}</td><td>{m['pairs']}</td><td>{_fmt(m['accuracy'])}</td>"
-                     f"<td>{ci}</td>{cells}</tr>")
-    parts.append("</table>")
-    failures = [(r.model, e) for r in results for e in r.errors]
-    if failures:
-        parts.append(f"<p><b>{len(failures)} unreadable images</b> (their groups are left out):</p><ul>")
-        parts += [f"<li>{html.escape(model)}: {html.escape(e)}</li>" for model, e in failures[:50]]
-        parts.append("</ul>")
-    if extra:
-        parts.append("<h2>Generator ranking</h2><table><tr><th class='l'>model</th><th class='l'>order (best first)</th>"
-                     "<th>Spearman</th><th>Kendall</th></tr>")
-        for model, info in extra.items():
-            parts.append(f"<tr><td class='l'>{html.escape(model)}</td><td class='l'>{html.escape(', '.join(info['order']))}</td>"
-                         f"<td>{_fmt(info.get('spearman', float('nan')))}</td><td>{_fmt(info.get('kendall', float('nan')))}</td></tr>")
-        parts.append("</table>")
-    parts.append("<h2>Score distributions</h2>")
-    parts += [histogram_svg([s for g in r.scores for s in g], r.model) for r in results]
-    sizes = sorted({s for r in results for s in r.by_group_size})
-    parts.append("<h2>Accuracy by images per prompt</h2><table><tr><th>candidates</th><th>groups</th><th>pairs</th>"
-                 + "".join(f"<th>{html.escape(r.model)}</th>" for r in results) + "</tr>")
-    for size in sizes:
+    metric_rows = [{"model": r.model, "pairs": r.metrics["pairs"], "accuracy": _fmt(r.metrics["accuracy"]),
+                    "ci": f"{_fmt(r.metrics['ci95'][0])}–{_fmt(r.metrics['ci95'][1])}",
+                    "cells": [_fmt(r.metrics[k]) for k in keys]} for r in results]
+    generators = [{"model": model, "order": ", ".join(info["order"]), "spearman": _fmt(info.get("spearman", math.nan)),
+                   "kendall": _fmt(info.get("kendall", math.nan))} for model, info in (extra or {}).items()]
+    by_size = []
+    for size in sorted({s for r in results for s in r.by_group_size}):
         first = results[0].by_group_size.get(size, {"groups": 0, "pairs": 0})
-        cells = "".join(f"<td>{_fmt(r.by_group_size.get(size, {}).get('accuracy', float('nan')))}</td>" for r in results)
-        parts.append(f"<tr><td>{size}</td><td>{first['groups']}</td><td>{first['pairs']}</td>{cells}</tr>")
-    parts.append("</table><h2>Examples</h2>")
+        by_size.append({"size": size, "groups": first["groups"], "pairs": first["pairs"],
+                        "cells": [_fmt(r.by_group_size.get(size, {}).get("accuracy", math.nan)) for r in results]})
     shown = [g for g in range(len(groups)) if len(set(groups[g].ranking)) > 1][:examples]
+    example_views = []
     for g in shown:
         group = groups[g]
-        thumbs = [_thumbnail(image) for image in group.images]
-        parts.append(f"<div class='ex'><div class='cap'>{html.escape(group.prompt)}</div>")
-        human_order = sorted(range(group.size), key=lambda c: group.ranking[c])
-        parts.append("<div class='row'><b>human</b>" + "".join(
-            f"<span class='fig'>{thumbs[c]}<br>rank {_fmt(group.ranking[c], 0)}</span>" for c in human_order) + "</div>")
+        thumbs = [thumbnail_src(image, roots, 96) for image in group.images]
+        human = sorted(range(group.size), key=lambda c: group.ranking[c])
+        lines = [{"label": "human", "figures": [{"src": thumbs[c][0], "missing": thumbs[c][1],
+                                                 "caption": f"rank {_fmt(group.ranking[c], 0)}"} for c in human]}]
         for r in results:
             order = sorted(range(group.size), key=lambda c: -r.scores[g][c] if not math.isnan(r.scores[g][c]) else math.inf)
-            parts.append(f"<div class='row'><b>{html.escape(r.model)}</b>" + "".join(
-                f"<span class='fig'>{thumbs[c]}<br>{_fmt(r.scores[g][c], 2)} (h{_fmt(group.ranking[c], 0)})</span>"
-                for c in order) + "</div>")
-        parts.append("</div>")
-    parts.append("</body></html>")
-    return "".join(parts)
+            lines.append({"label": r.model, "figures": [
+                {"src": thumbs[c][0], "missing": thumbs[c][1],
+                 "caption": f"{_fmt(r.scores[g][c], 2)} (h{_fmt(group.ranking[c], 0)})"} for c in order]})
+        example_views.append({"prompt": group.prompt, "lines": lines})
+    histograms = [Markup(histogram_svg([s for g in r.scores for s in g], r.model)) for r in results]
+    return template_environment().get_template("eval_report.html.j2").render(
+        title=title, group_count=len(groups), metric_keys=[k.replace("_accuracy", "") for k in keys],
+        metric_rows=metric_rows, failures=[(r.model, e) for r in results for e in r.errors], generators=generators,
+        histograms=histograms, by_size=by_size, examples=example_views)
 
 
 def write_report(path: str | Path, *args, **kwargs) -> None:

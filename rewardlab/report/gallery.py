@@ -115,16 +115,22 @@ def budget_svg(points: Sequence[tuple[float, float]], width: int = 360, height: 
             f"<polyline fill='none' stroke='#2b6cb0' stroke-width='2' points='{line}'/>{dots}</svg>")
 
 
+def template_environment():
+    """The Jinja2 environment of the report templates shipped in the package (autoescaping on)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    return Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
+                       autoescape=select_autoescape(default=True, default_for_string=True))
+
+
 def render_gallery(sections: Sequence[GallerySection], labels: Sequence[str], title: str = "rewardlab gallery",
                    allowed_roots: Sequence[str | os.PathLike] = (), thumb_size: int = 128,
                    combine: str | None = None, sort: bool = True) -> str:
     """The gallery page as one HTML string."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
     from markupsafe import Markup
 
     roots = [Path(r).resolve() for r in allowed_roots]
-    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
-                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env = template_environment()
     views = []
     for section in sections:
         items = list(section.items)
