@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.pairs import I2T_COLUMNS, T2I_COLUMNS
 from ..errors import DataError
 from ..io.atomic import atomic_path, write_text
 from ..io.records import Record, read_records
@@ -323,11 +324,11 @@ def export_pairs(manifest_path: str | Path, out_dir: str | Path, rules: PairRule
                    "preferred_score": good.score, "rejected_score": bad.score, "preferred_model": good.model,
                    "rejected_model": bad.model, "preferred_seed": good.seed, "rejected_seed": bad.seed}
             if kind == "t2i2t":
-                row.update(prompt=items[0]["input"], preferred_image=os.path.relpath(base / good.output, out),
-                           rejected_image=os.path.relpath(base / bad.output, out))
+                values = (items[0]["input"], os.path.relpath(base / good.output, out), os.path.relpath(base / bad.output, out))
+                row.update(zip(T2I_COLUMNS, values, strict=True))
             else:
-                row.update(image=os.path.relpath(Path(items[0]["input"]).resolve(), out.resolve()),
-                           preferred_text=good.output, rejected_text=bad.output)
+                values = (os.path.relpath(Path(items[0]["input"]).resolve(), out.resolve()), good.output, bad.output)
+                row.update(zip(I2T_COLUMNS, values, strict=True))
             written[splits[input_id]].append(row)
     for split, split_rows in written.items():
         for fmt in formats:
