@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-from support import official_python
+from support import SHARED, official_python
 
 from rewardlab.models.clip import build_clip_tokenizer, clean_prompt, clip_bpe_tokenizer, tokenizer
 from rewardlab.registry import get_spec
 
 pytestmark = pytest.mark.parity
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagereward"
+DATA = SHARED
 HARD = ["Mark Zuckerberg but he’s actually human", "“a tech company office in a downtown class a building”",
         "a mage ， stephen bliss", "ﬁne ﬂowers", "ＡＢＣ　ｘｙｚ！", "it‘s a ‛test‟", "&amp;lt;b&amp;gt; bold"]
 

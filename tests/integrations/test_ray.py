@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("ray.data")
 
+from support import REPO  # noqa: E402
+
 from rewardlab.cli import cli  # noqa: E402
 from rewardlab.integrations import ray as rr  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
