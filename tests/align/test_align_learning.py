@@ -10,7 +10,7 @@ refl +4.6 sd, draft K=1 +2.1 sd, refl + pretraining (weighted 2e-4) +1.7 sd; hel
 MSE 1.111 -> 1.262 without the pretraining loss and -> 1.050 with it.
 
 ReFL here runs a 10-step schedule with the stop index in [7, 9] (the same algorithm as the 40-step /
-[30, 39] default, which tests/test_align.py instruments) so the proofs fit the default test budget.
+[30, 39] default, which tests/align/test_align.py instruments) so the proofs fit the default test budget.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Builds, with seeded random weights: OpenAI CLIP (the `clip` package) for ImageRe
 AestheticScore baselines, ImageReward's BLIPScore, and an open_clip model from the `hpsv2` wheel's
 bundled code (HPS v2 scoring). Saves each state dict in its own released layout and writes the scores.
 
-    python tests/official_baselines.py --model clip|aesthetic|blip|hps --out-dir DIR --prompt P IMAGES...
+    python rewardlab/testing/reference/official_baselines.py --model clip|aesthetic|blip|hps --out-dir DIR --prompt P IMAGES...
 """
 
 from __future__ import annotations
