@@ -706,7 +706,7 @@ class GroupScorer:
             groups = pickle.loads(blob)
             scores, errors, scored = score_groups(scorer, groups, None, self.batch_size)
             accuracy, selection = accumulate(groups, scores, errors, self.ks)
-            payloads.append(pickle.dumps({"model": scorer.name, "scores": scores, "errors": errors,
+            payloads.append(pickle.dumps({"model": scorer.label, "scores": scores, "errors": errors,
                                           "scored": scored, "accuracy": accuracy, "selection": selection}))
         return {"chunk": batch["chunk"], "payload": np.array(payloads, dtype=object)}
 

@@ -196,12 +196,12 @@ def test_score_cli_equals_single_process_cli(ray_instance, one_thread, tmp_path,
     table = rr.read_scores(tmp_path / "out")
     assert table["row"].tolist() == list(range(40))
 
-    monkeypatch.chdir(clean_manifest.parent)  # the single-process command reads paths relative to the cwd
+    monkeypatch.chdir(tmp_path)  # both commands resolve image paths against the manifest's folder, not the cwd
     single = _run("score", "--prompts-file", clean_manifest, "--model", tiny_checkpoint, "--batch-size", 8,
                   "--format", "jsonl", "--no-progress")
     reference = [json.loads(line) for line in single.stdout.splitlines()]
     assert len(reference) == 40
-    by_image = {r["image"]: r for r in reference}
+    by_image = {Path(r["image"]).relative_to(clean_manifest.parent).as_posix(): r for r in reference}
     for row in table.itertuples():
         expected = by_image[row.image]
         assert row.prompt == expected["prompt"]

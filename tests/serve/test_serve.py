@@ -254,6 +254,7 @@ class FakeBackend:
         self.names = {"fake": "fake"}
         self.gate = threading.Event()
         self.gate.set()
+        self.running = threading.Event()  # set once a batch has reached the backend
         self._slots = threading.Semaphore(1)
         self.capacity = 1
 
@@ -261,6 +262,7 @@ class FakeBackend:
         return self._slots
 
     def run(self, label, prompts, items):
+        self.running.set()
         self.gate.wait(30)
         return ScoreResult([float(len(b)) for b in items], {})
 
@@ -321,7 +323,10 @@ def _overload_checks(http, svc, backend, threads):
     results = []
     threads.extend(threading.Thread(target=lambda: results.append(http.post("/v1/score", json=payload)))
                    for _ in range(3))
-    for t in threads:
+    backend.running.clear()
+    threads[0].start()
+    assert backend.running.wait(10)  # the first batch is in flight (blocked); then two requests fill the queue
+    for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 10
     while svc.batchers["fake"].depth < 8 and time.monotonic() < deadline:
