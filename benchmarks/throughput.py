@@ -110,7 +110,11 @@ def main() -> None:
         official_ips = len(images) / ref["rank_seconds"]
 
         rows = []
-        limits = {"fp32": gemm_flops_per_second(torch.float32), "bf16": gemm_flops_per_second(torch.bfloat16)}
+        from rewardlab.scoring.scorer import cpu_has_fast_bf16
+
+        limits = {"fp32": gemm_flops_per_second(torch.float32)}
+        if cpu_has_fast_bf16():
+            limits["bf16"] = gemm_flops_per_second(torch.bfloat16)
         for dtype in ("fp32", "bf16"):
             scorer = rewardlab.load("imagereward-v1.0", checkpoint=checkpoint, dtype=dtype)
             ips, scores = time_rewardlab(scorer, images, args.batch_size, args.repeats)
@@ -118,8 +122,6 @@ def main() -> None:
             same_order = np.argsort(scores).tolist() == np.argsort(ref["rank_scores"]).tolist()
             rows.append((dtype, ips, deviation, same_order))
         flops = flops_per_image(rewardlab.load("imagereward-v1.0", checkpoint=checkpoint), images, args.batch_size)
-
-        from rewardlab.scoring.scorer import cpu_has_fast_bf16
 
         print(f"ImageReward-v1.0 architecture, {len(images)} images, 1 prompt, torch threads {torch.get_num_threads()}, "
               f"CPU {torch.backends.cpu.get_cpu_capability()}, bf16 hardware (AMX/AVX512-BF16): {cpu_has_fast_bf16()}")
@@ -131,6 +133,9 @@ def main() -> None:
                   f"{'identical' if same_order else 'DIFFERENT'}")
         print(f"\nmodel FLOPs per image (torch FlopCounterMode): {flops / 1e9:.1f} GFLOP")
         for dtype, ips, _, _ in rows:
+            if dtype == "bf16" and not cpu_has_fast_bf16():
+                print("bf16: not applicable on this CPU (no AMX/AVX512-BF16: bf16 matrix products are emulated)")
+                continue
             achieved = flops * ips
             print(f"{dtype}: machine GEMM limit {limits[dtype] / 1e9:.1f} GFLOP/s, scorer {achieved / 1e9:.1f} GFLOP/s "
                   f"= {achieved / limits[dtype]:.0%} of the limit")
