@@ -9,10 +9,9 @@ import click
 
 
 def _progress(total: int, label: str):
-    from tqdm.auto import tqdm
+    from ..scoring.scorer import progress_callback
 
-    bar = tqdm(total=total, desc=label, unit="input")
-    return bar, bar.update
+    return progress_callback(total, True, unit="input", desc=label)
 
 
 def _summary(stats, counts) -> str:
@@ -106,11 +105,10 @@ def t2i2t_command(prompts, generators, captioner, seeds, steps, guidance, device
     inputs = _read(prompts, "t2i2t")
     seed_list = _seeds(seeds)
     gens = [resolve_generator(g, steps=steps, guidance=guidance, device=device) for g in generators]
-    bar, tick = _progress(len(inputs), "t2i2t")
+    tick = _progress(len(inputs), "t2i2t")
     with _user_errors():
         manifest = run_t2i2t(inputs, gens, resolve_captioner(captioner, device=device), SbertSimilarity(device=device),
                              seed_list, out_dir, tick, _shard(shard), batch_size)
-    bar.close()
     if shard:
         click.echo(f"shard {shard} done; build pairs with `rewardlab cycle pairs --manifest {out_dir} ...`")
         return
@@ -145,12 +143,11 @@ def i2t2i_command(images, captioners, generator, seed, steps, guidance, metric, 
 
     inputs = _read(images, "i2t2i")
     distance = image_distance(metric, device)
-    bar, tick = _progress(len(inputs), "i2t2i")
+    tick = _progress(len(inputs), "i2t2i")
     with _user_errors():
         manifest = run_i2t2i(inputs, [resolve_captioner(c, device=device) for c in captioners],
                              resolve_generator(generator, steps=steps, guidance=guidance, device=device), distance,
                              seed, out_dir, tick, _shard(shard), batch_size)
-    bar.close()
     if shard:
         click.echo(f"shard {shard} done{_errors(manifest)}; build pairs with `rewardlab cycle pairs --manifest {out_dir} ...`")
         return

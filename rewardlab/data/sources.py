@@ -8,6 +8,7 @@ files are sniffed (pair layouts, else rankings).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -16,6 +17,8 @@ from ..errors import DataError, UsageError
 from ..io.records import check_regular_file, read_records
 from .groups import Group, load_imagereward, load_rankings, ranked_pairs
 from .pairs import LAYOUTS, Pair, read_pair_file
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("imagereward", "rankings", "pairs", "hf")
 
@@ -54,6 +57,7 @@ def load_groups(spec: str | DataSource, image_root: str | None = None, split: st
                 allow_outside: bool = False) -> list[Group]:
     """Groups of ranked candidates (evaluation's format) from any source."""
     source = spec if isinstance(spec, DataSource) else parse_source(spec)
+    logger.info("reading %s (image root %s, split %s)", source, image_root or "the data file's folder", split)
     if source.kind == "hf":
         from .hf import load_hf
 

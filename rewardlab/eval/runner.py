@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from ..data.groups import Group
 from .cache import ScoreCache, image_hash
 from .metrics import PairwiseAccuracy, RecallFilterAtK
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +63,8 @@ def score_groups(scorer, groups: list[Group], cache: ScoreCache | None = None, b
             errors[(g, c)] = failed[marker]
         else:
             scores[g][c] = known[marker] if marker in known else fresh[marker]
+    logger.info("%s: %d candidates, %d scored now, %d from the cache, %d unreadable", getattr(scorer, "label", scorer.name),
+                len(flat), len(order), len(flat) - len(order), len(errors))
     return scores, errors, len(order)
 
 

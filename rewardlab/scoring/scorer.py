@@ -344,7 +344,8 @@ class Scorer:
         return self.score_matrix([image], captions, batch_size=batch_size)[0]
 
 
-def progress_callback(total: int, progress: bool | Callable[[int], None], unit: str = "item") -> Callable[[int], None]:
+def progress_callback(total: int, progress: bool | Callable[[int], None], unit: str = "item",
+                      desc: str | None = None) -> Callable[[int], None]:
     """The one progress helper: a callable is used as is, True shows a tqdm bar, False does nothing."""
     if callable(progress):
         return progress
@@ -352,7 +353,7 @@ def progress_callback(total: int, progress: bool | Callable[[int], None], unit: 
         return lambda n: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit=unit, dynamic_ncols=True)
+    bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
 
     def advance(n: int) -> None:
         bar.update(n)
