@@ -297,11 +297,34 @@ class CachingScorer:
         return ScoreResult([self.cache[key] for key in keys])
 
 
-def test_best_of_n_rises_with_n_and_matches_the_expectation(tmp_path, tiny_pipe, tiny_scorer):
-    """Verifier: a fixed tiny reward (its scores of the saved images are the truth). For each N, the mean
-    over prompts and over the 16/N disjoint seed blocks of the best-of-N run's reward rises with N and
+@pytest.fixture(scope="module")
+def trained_scorer(tmp_path_factory):
+    """A tiny BLIP reward trained here on the shapes preference task (prompt colour/shape vs the image)."""
+    import rewardlab
+    from rewardlab.registry import spec_to_json
+    from rewardlab.testing import tiny_blip_spec
+    from rewardlab.testing.shapes import make_pairs
+    from rewardlab.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("verifier")
+    config = TrainConfig(spec_json=spec_to_json(tiny_blip_spec("gelu")), output_dir=str(out), freeze_ratio=0.0,
+                         lr=1e-3, batch_size=32, max_steps=120, warmup_steps=10, eval_every=120, save_every=0, seed=0,
+                         cpu=True)
+    summary = Trainer(config, [make_pairs(800, seed=1)], make_pairs(200, seed=2)).train()
+    assert summary["valid_accuracy"] >= 0.7, summary  # it learned something: a trained verifier, not a random one
+    return rewardlab.load(out / "final.safetensors")
+
+
+@pytest.mark.parametrize("verifier", ["fixed", "trained"])
+def test_best_of_n_rises_with_n_and_matches_the_expectation(tmp_path, tiny_pipe, verifier, request):
+    """Verifier: a fixed random tiny reward, or one trained in this test on the shapes task; the held-out
+    prompts below are not among its training prompts (no star, orange or purple there). For each N, the
+    mean over prompts and over the 16/N disjoint seed blocks of the best-of-N run's reward rises with N and
     stays within 0.25 pool standard deviations of the exact expectation from the 16 candidates' scores."""
-    prompts = [PromptItem(p, f"p{i}") for i, p in enumerate(["a red circle", "a green square", "a blue star"])]
+    tiny_scorer = request.getfixturevalue("tiny_scorer" if verifier == "fixed" else "trained_scorer")
+    texts = ["a red circle", "a green square", "a blue star"] if verifier == "fixed" else \
+        ["a purple star", "an orange hexagon", "a blue star"]
+    prompts = [PromptItem(p, f"p{i}") for i, p in enumerate(texts)]
     generator = CachingGenerator(tiny_pipe, num_inference_steps=STEPS, guidance_scale=1.0)
     ensemble = RewardEnsemble([CachingScorer(tiny_scorer)])
     pool = run_search(generator, ensemble, prompts, tmp_path / "pool", SearchConfig(num_candidates=16, batch_size=16),
