@@ -73,6 +73,11 @@ class LazyGroup(click.Group):
             raise CLIError(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise click.exceptions.Abort() from None
+        except BrokenPipeError:  # `rewardlab models | head`: the reader left; stop quietly
+            import sys
+
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+            raise click.exceptions.Exit(0) from None
         except Exception as exc:
             if debug_enabled(ctx):
                 raise
