@@ -125,6 +125,17 @@ def read_records(path: str | os.PathLike, objects_only: bool = True) -> list[Rec
     return records
 
 
+def is_inside(path: str | os.PathLike, root: str | os.PathLike, strict: bool = False) -> bool:
+    """Whether ``path`` lies in ``root`` once both are resolved (``..`` and symlinks followed). With
+    ``strict``, a path that does not exist (or cannot be resolved) is not inside."""
+    try:
+        resolved = Path(path).resolve(strict=strict)
+    except OSError:
+        return False
+    base = Path(root).resolve()
+    return resolved == base or base in resolved.parents
+
+
 def resolve_image(value: Any, root: str | os.PathLike, allow_outside: bool = False, where: str = "") -> Any:
     """A data file's image reference -> what the scorer opens.
 
@@ -141,9 +152,7 @@ def resolve_image(value: Any, root: str | os.PathLike, allow_outside: bool = Fal
     base = Path(root).resolve()
     candidate = Path(value).expanduser()
     full = candidate if candidate.is_absolute() else base / candidate
-    if not allow_outside:
-        resolved = full.resolve()
-        if resolved != base and base not in resolved.parents:
-            raise DataError(f"{where}: image {value!r} is outside the data folder {base}",
-                            "move it under that folder, set the image root, or pass --allow-outside-root")
+    if not allow_outside and not is_inside(full, base):
+        raise DataError(f"{where}: image {value!r} is outside the data folder {base}",
+                        "move it under that folder, set the image root, or pass --allow-outside-root")
     return str(full)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import write_text
+from ..io.records import is_inside
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,12 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    try:
-        resolved = path.resolve(strict=True)
-    except OSError:
-        return False
-    return any(resolved == root or root in resolved.parents for root in roots)
-
-
 def thumbnail_src(image: Any, roots: Sequence[Path], size: int) -> tuple[str | None, str]:
     """(data URI, "") for an embeddable image, or (None, reason)."""
     from ..io.images import open_image
 
     if isinstance(image, (str, os.PathLike)):
-        if not _inside(Path(image), roots):
+        if not any(is_inside(image, root, strict=True) for root in roots):
             return None, "not embedded (outside the data folder)"
         image = str(image)
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..errors import DataError, UsageError
 from ..io.atomic import write_bytes, write_text
 from ..io.images import IMAGE_SUFFIXES
+from ..io.records import is_inside
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ class PreferencePair:
         return self.preferred_score - self.rejected_score
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        resolved = path.resolve(strict=True)
-    except OSError:
-        return False
-    return resolved == root or root in resolved.parents
-
-
 def discover_candidates(root: str | os.PathLike) -> list[CandidateGroup]:
     """Candidate groups of a search run folder or of a folder of per-prompt sub-folders."""
     root = Path(root)
@@ -97,7 +90,7 @@ def discover_candidates(root: str | os.PathLike) -> list[CandidateGroup]:
             images = sorted(p for p in pdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             groups.append(CandidateGroup(pdir.name, prompt, images))
     for group in groups:
-        outside = [p for p in group.images if not _inside(p, real_root)]
+        outside = [p for p in group.images if not is_inside(p, real_root, strict=True)]
         if outside:
             raise DataError(f"{outside[0]}: points outside {root}", "copy the images into the data folder")
     if not groups:

@@ -20,6 +20,8 @@ from typing import IO, Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..io.records import is_inside
+
 MAX_PROMPT_CHARS = 4096
 MAX_MODELS = 16
 MAX_ITEMS = 1024  # hard ceiling of the per-request item limit (the server's own limit is lower)
@@ -126,11 +128,10 @@ def resolve_paths(paths: list[str], allowed_root: Path | None) -> list[str]:
         if "\x00" in raw:
             errors[i] = f"path #{i}: contains a NUL byte"
             continue
-        resolved = (root / raw).resolve()
-        if resolved != root and root not in resolved.parents:
+        if not is_inside(root / raw, root):
             errors[i] = f"path #{i} {raw!r}: outside the allowed root"
             continue
-        out.append(str(resolved))
+        out.append(str((root / raw).resolve()))
     if errors:
         raise RequestError(400, f"{len(errors)} of {len(paths)} paths are not allowed", errors)
     return out
