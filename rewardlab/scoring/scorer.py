@@ -203,9 +203,11 @@ class Scorer:
             raise UsageError(f"score_tensors takes a float tensor in [0, 1], got "
                              f"{getattr(pixels01, 'dtype', type(pixels01).__name__)}",
                              "convert uint8 images with x.float() / 255")
-        if not torch.isfinite(pixels01.detach()).all():
+        # one reduction and one device sync per call (this runs in every fine-tuning step); NaN and inf
+        # propagate into the minimum / maximum, so they also answer the finiteness question
+        low, high = torch.stack(torch.aminmax(pixels01.detach())).float().tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise NonFiniteError("score_tensors: the pixels contain NaN or inf")
-        low, high = float(pixels01.detach().min()), float(pixels01.detach().max())
         if low < -1e-3 or high > 1 + 1e-3:
             hint = "divide 0-255 values by 255" if high > 1.5 else "map [-1, 1] images with (x + 1) / 2"
             raise UsageError(f"score_tensors: pixels span [{low:.3g}, {high:.3g}], outside [0, 1]", hint)
