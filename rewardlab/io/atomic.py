@@ -104,12 +104,12 @@ def new_version_dir(root: str | os.PathLike, stem: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=root))
 
 
-def publish_version(root: str | os.PathLike, filled: Path, name: str, keep: int = 1) -> Path:
+def publish_version(root: str | os.PathLike, filled: Path, name: str) -> Path:
     """Make ``filled`` (from :func:`new_version_dir`) the current version ``root/name``.
 
     Every file in it is fsynced, it is renamed to ``root/name``, then ``root/LATEST`` is atomically
-    replaced with ``name``. Older versions beyond ``keep`` are removed afterwards. A kill before the
-    pointer is replaced leaves the previous version current; after, the new one."""
+    replaced with ``name``; the other versions and unfinished folders of killed runs are removed afterwards.
+    A kill before the pointer is replaced leaves the previous version current; after, the new one."""
     root = Path(root)
     for file in filled.rglob("*"):
         if file.is_file():
@@ -121,16 +121,10 @@ def publish_version(root: str | os.PathLike, filled: Path, name: str, keep: int 
         shutil.rmtree(final)
     os.replace(filled, final)
     fsync_dir(root)
-    previous = current_version(root)
     write_text(root / POINTER_NAME, name + "\n")
-    versions = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != name]
-    old = sorted(versions, key=lambda p: p.stat().st_mtime)
-    for stale in old[: max(0, len(old) - (keep - 1))]:
-        if previous is None or stale.name != previous.name or keep <= 1:
+    for stale in root.iterdir():  # older versions, and hidden unfinished versions of killed runs
+        if stale.is_dir() and stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
-    for leftover in root.glob(".*"):  # unfinished versions of killed runs
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
