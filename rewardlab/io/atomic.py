@@ -8,6 +8,8 @@ file, so a reader always sees one complete folder.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -109,7 +111,9 @@ def publish_version(root: str | os.PathLike, filled: Path, name: str) -> Path:
 
     Every file in it is fsynced, it is renamed to ``root/name``, then ``root/LATEST`` is atomically
     replaced with ``name``; the other versions and unfinished folders of killed runs are removed afterwards.
-    A kill before the pointer is replaced leaves the previous version current; after, the new one."""
+    A kill before the pointer is replaced leaves the previous version current; after, the new one. An
+    existing ``root/name`` (an export published again) is exchanged with the new folder in one step, so
+    ``root/name`` always holds a complete old or new version."""
     root = Path(root)
     for file in filled.rglob("*"):
         if file.is_file():
@@ -118,14 +122,41 @@ def publish_version(root: str | os.PathLike, filled: Path, name: str) -> Path:
     fsync_dir(filled)
     final = root / name
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(filled, final)
+        _swap_in(filled, final)  # the old folder now sits at ``filled`` and is removed below
+    else:
+        os.replace(filled, final)
     fsync_dir(root)
     write_text(root / POINTER_NAME, name + "\n")
     for stale in root.iterdir():  # older versions, and hidden unfinished versions of killed runs
         if stale.is_dir() and stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); OSError where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a))
+
+
+def _swap_in(filled: Path, final: Path) -> None:
+    """Put ``filled`` at ``final`` and the old ``final`` at ``filled``: atomically where the system can
+    exchange two paths; elsewhere the old folder is first moved aside (a kill in between leaves it there,
+    hidden, instead of at ``final``)."""
+    try:
+        exchange(filled, final)
+    except OSError:
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, aside / final.name)
+        os.replace(filled, final)
+        os.replace(aside / final.name, filled)
+        aside.rmdir()
 
 
 def current_version(root: str | os.PathLike) -> Path | None:

@@ -295,3 +295,53 @@ def test_png_chunk_helpers_round_trip():
     data = PNG_SIGNATURE + make_chunk(b"IHDR", b"\0" * 13) + make_chunk(b"IEND", b"")
     assert [k for k, _, _ in read_chunks(data, "x")] == [b"IHDR", b"IEND"]
     assert resource.getpagesize() > 0
+
+
+def test_republishing_a_name_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """Publishing ``final`` again exchanges the folders atomically: a kill right after the swap, before
+    the old folder is removed, leaves the new version complete at ``final`` (never a missing folder)."""
+    root = tmp_path / "lora"
+    first = atomic.new_version_dir(root, "final")
+    (first / "weights.bin").write_bytes(b"old")
+    atomic.publish_version(root, first, "final")
+    second = atomic.new_version_dir(root, "final")
+    (second / "weights.bin").write_bytes(b"new")
+    synced = []
+
+    def killed_after_swap(folder):  # the first fsync is the new folder's, the second follows the swap
+        synced.append(folder)
+        if len(synced) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(atomic, "fsync_dir", killed_after_swap)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.publish_version(root, second, "final")
+    monkeypatch.undo()
+    assert (root / "final" / "weights.bin").read_bytes() == b"new"
+    assert (second / "weights.bin").read_bytes() == b"old"  # the old version, hidden, removed next time
+    third = atomic.new_version_dir(root, "final")
+    (third / "weights.bin").write_bytes(b"newer")
+    atomic.publish_version(root, third, "final")
+    assert (root / "final" / "weights.bin").read_bytes() == b"newer"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "final"]
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("A")
+    (b / "x").write_text("B")
+    atomic.exchange(a, b)
+    assert (a / "x").read_text() == "B" and (b / "x").read_text() == "A"
+
+
+def test_republishing_without_exchange_support_moves_the_old_version_aside(tmp_path, monkeypatch):
+    root = tmp_path / "lora"
+    for content in (b"old", b"new"):
+        folder = atomic.new_version_dir(root, "final")
+        (folder / "weights.bin").write_bytes(content)
+        atomic.publish_version(root, folder, "final")
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: (_ for _ in ()).throw(OSError("unsupported")))
+    assert (root / "final" / "weights.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "final"]
