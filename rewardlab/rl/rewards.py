@@ -66,15 +66,6 @@ def _load_scorers(models: ModelArg, weights, load_kwargs: dict) -> tuple[list, l
     return scorers, weights
 
 
-def _check_unit_range(pixels: torch.Tensor) -> None:
-    low, high = float(pixels.detach().amin()), float(pixels.detach().amax())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise UsageError("float images contain NaN or inf", "check the decoder output")
-    if low < -1e-4 or high > 1 + 1e-4:
-        raise UsageError(f"float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]",
-                         "map [-1, 1] decoder output with (x / 2 + 0.5).clamp(0, 1)")
-
-
 def split_images(images) -> tuple[str, Any]:
     """Classify a batch: ``("tensor", Tensor(B, 3, H, W) float)`` or ``("items", list for score_detailed)``."""
     if isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.floating):
@@ -144,7 +135,6 @@ class MultiReward:
         kind, batch = split_images(images)
         if kind == "tensor":
             prompts = _prompt_list(prompts, batch.shape[0])
-            _check_unit_range(batch)
             with torch.inference_mode():
                 per_model = {label: scorer.score_tensors(batch, prompts).double().cpu()
                              for label, scorer in zip(self.ensemble.labels, self.ensemble.scorers, strict=True)}
@@ -158,7 +148,6 @@ class MultiReward:
         kind, batch = split_images(pixels01)
         if kind != "tensor":
             raise UsageError("the differentiable reward needs float tensors (B, 3, H, W) in [0, 1]")
-        _check_unit_range(batch)
         return self.ensemble.score_tensors(batch, _prompt_list(prompts, batch.shape[0]))
 
     def __call__(self, images, prompts, metadata=None) -> tuple[dict[str, list[float]], dict]:

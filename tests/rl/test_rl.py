@@ -92,7 +92,7 @@ def test_float_tensor_uses_score_tensors(tiny_scorer):
     assert np.array_equal(scores, direct)
     # float numpy NHWC is the same pixels
     assert np.array_equal(reward_fn(tiny_scorer)(pixels.permute(0, 2, 3, 1).numpy(), prompts)[0], direct)
-    with pytest.raises(UsageError, match="must lie in \\[0, 1\\]"):
+    with pytest.raises(UsageError, match="outside \\[0, 1\\]"):
         reward_fn(tiny_scorer)(pixels * 2 - 1, prompts)
 
 
