@@ -35,6 +35,11 @@ def image_key(image: ImageInput) -> tuple:
     return ("object", id(image))
 
 
+def worker_count(workers: int | None) -> int:
+    """Decoding threads: the given count, else one per CPU core up to 8."""
+    return max(1, workers or min(8, os.cpu_count() or 1))
+
+
 def decode_one(image: ImageInput, index: int, preprocess: Preprocess) -> Decoded:
     """Open and preprocess one input to a (3, S, S) tensor in [0, 1]; failures become an ImageLoadError."""
     try:
@@ -101,6 +106,11 @@ class Collator:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
+
+    def decode_all(self, images: Sequence[ImageInput], workers: int) -> list[Decoded]:
+        """Every input decoded (in parallel), in input order; failures are :class:`ImageLoadError` items."""
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(lambda item: decode_one(item[1], item[0], self.preprocess), enumerate(images)))
 
     def batches(self, prompts: Sequence[str], images: Sequence[ImageInput], batch_size: int, workers: int
                 ) -> Iterator[Batch]:

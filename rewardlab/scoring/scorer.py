@@ -19,7 +19,7 @@ from ..errors import DeviceError, ImageLoadError, NonFiniteError, UsageError
 from ..io.images import ImageInput
 from ..models.base import RewardModel
 from ..registry import ModelSpec
-from .batching import Batch, Collator, decode_one
+from .batching import Batch, Collator, worker_count
 from .preprocess import tensor_preprocess, unit_tensors_to_batch
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class Scorer:
         images = _as_image_list(images)
         prompt_list = _check_prompts(prompts, len(images))
         batch_size = check_batch_size(batch_size, self.default_batch_size)
-        workers = workers or min(8, os.cpu_count() or 1)
+        workers = worker_count(workers)
         scores = [math.nan] * len(images)
         errors: dict[int, str] = {}
         advance = progress_callback(len(images), progress, unit="img")
@@ -302,7 +302,7 @@ class Scorer:
     # -- one image, many texts ------------------------------------------------------------------------
     @torch.inference_mode()
     def score_matrix(self, images: ImageInput | Iterable[ImageInput], prompts: Sequence[str], *,
-                     batch_size: int | None = None) -> list[list[float]]:
+                     batch_size: int | None = None, workers: int | None = None) -> list[list[float]]:
         """Scores of every image against every prompt: ``matrix[i][j]`` for image i and prompt j.
 
         The vision tower runs once per image and each prompt is tokenized once (CLIP-family and BLIPScore
@@ -311,7 +311,7 @@ class Scorer:
         images = _as_image_list(images)
         prompts = _check_prompts(list(prompts), len(list(prompts)))
         batch_size = check_batch_size(batch_size, self.default_batch_size)
-        decoded = [decode_one(image, i, self.spec.preprocess) for i, image in enumerate(images)]
+        decoded = self.collator.decode_all(images, worker_count(workers))
         failed = [item for item in decoded if isinstance(item, ImageLoadError)]
         if failed:
             raise ImageLoadError("; ".join(str(e) for e in failed), f"{len(failed)} images could not be read")
