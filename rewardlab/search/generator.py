@@ -48,15 +48,35 @@ class DiffusersGenerator:
         if self.denoiser is None:
             raise UsageError(f"{type(pipe).__name__} has neither a unet nor a transformer",
                              "pass a diffusers text-to-image pipeline")
-        scale = int(getattr(pipe, "vae_scale_factor", 8))
-        sample = getattr(self.denoiser.config, "sample_size", None)
-        default = sample * scale if isinstance(sample, int) and self._is_unet else 1024
+        default = self._default_size()
         self.height = int(height or default)
         self.width = int(width or default)
+        self._set_eval()
         self.nfe = 0
         self._hook = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+
+    def _set_eval(self) -> None:
+        """Put every module of the pipeline in eval mode: ``from_pretrained`` does, but a pipeline built from
+        freshly constructed modules keeps them in training mode, where dropout (T5's, for SD3 and FLUX) would
+        make a recorded seed give different pixels on every call."""
+        for name, component in getattr(self.pipe, "components", {}).items():
+            if isinstance(component, torch.nn.Module) and component.training:
+                logger.info("%s: %s was in training mode; switching it to eval", type(self.pipe).__name__, name)
+                component.eval()
+
+    def _default_size(self) -> int:
+        """The pipeline's own default image side: ``default_sample_size`` (SDXL, SD3, FLUX) or the
+        denoiser's ``sample_size`` (SD 1.x/2.x), times the VAE scale factor; 1024 when neither is known."""
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        for sample in (getattr(self.pipe, "default_sample_size", None),
+                       getattr(self.denoiser.config, "sample_size", None)):
+            if isinstance(sample, int) and sample > 0:
+                return sample * scale
+        logger.warning("%s gives no default image size; using 1024x1024 (pass height and width)",
+                       type(self.pipe).__name__)
+        return 1024
 
     @property
     def _is_unet(self) -> bool:
@@ -122,8 +142,9 @@ class DiffusersGenerator:
         unet = getattr(self.pipe, "unet", None)
         if unet is None or getattr(unet.config, "addition_embed_type", None) is not None \
                 or not hasattr(self.pipe, "encode_prompt"):
-            raise UsageError(f"search over paths needs a Stable Diffusion 1.x/2.x style pipeline, not "
-                             f"{type(self.pipe).__name__}", "use best-of-n, random or zero-order search")
+            raise UsageError(f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x UNet pipelines "
+                             f"only, not on {type(self.pipe).__name__}",
+                             "use best-of-n, random or zero-order search with this pipeline")
         if not isinstance(self.pipe.scheduler, DDIMScheduler):
             raise UsageError(f"search over paths needs a DDIM scheduler, not {type(self.pipe.scheduler).__name__}",
                              "set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")

@@ -451,6 +451,8 @@ def run_search(generator, ensemble, prompts: Sequence[PromptItem], output_dir: s
     same settings are skipped. Returns per-prompt results; writes the files listed in the module docstring."""
     config = config or SearchConfig()
     config.validate()
+    if config.method == "paths":
+        generator.check_paths()  # refuse before any file is written
     folder = Path(output_dir)
     settings = {"method": config.method, "search": config.recorded(), "generator": generator.describe(),
                 "verifiers": list(ensemble.labels), "weights": ensemble.weights, "normalize": ensemble.normalize}
