@@ -2,7 +2,8 @@
 given is the noise the denoiser starts from (FLUX's 2x2 packing checked element by element), best-of-N is
 exact and reproducible, NFEs are counted per sample (CFG 2, guidance-distilled 1), zero-order neighbours
 keep their exact geometry in the unpacked latent shape, the CLI runs on a saved FLUX folder and resumes,
-and search over paths is refused with one clear line on pipelines it does not support."""
+and search over paths runs on FLUX (the pipeline's own loop, flow-matching re-noising by hand) and is refused
+with one clear line on SDXL and SD3."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from rewardlab.search import (
     seed_noise,
     seed_noises,
 )
+from rewardlab.search.generator import PathState
 
 STEPS = 2
 KINDS = ("sdxl", "sd3", "flux")
@@ -215,18 +217,75 @@ def test_zero_order_on_flux_keeps_norm_and_cosine_in_the_unpacked_shape(tmp_path
     generator.close()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ("sdxl", "sd3"))
 def test_search_over_paths_is_refused_in_one_line(tmp_path, pipes, colour, kind):
     generator = _generator(pipes(kind))
-    name = type(pipes(kind)).__name__
     with pytest.raises(UsageError) as caught:
         run_search(generator, RewardEnsemble([colour]), [PromptItem("a cat", "p0")], tmp_path / "run",
                    SearchConfig(method="paths"), gallery=False)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith(f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x UNet "
-                              f"pipelines only, not on {name}")
+    assert str(caught.value) == (
+        f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x and FLUX pipelines only, not on "
+        f"{type(pipes(kind)).__name__} — use best-of-n, random or zero-order search with this pipeline")
     assert not (tmp_path / "run").exists()  # refused before any file is written
+    generator.close()
+    true_cfg = _generator(pipes("flux"), negative_prompt="blurry", call_kwargs={"true_cfg_scale": 2.0})
+    with pytest.raises(UsageError, match="^search over paths on FluxPipeline does not support true_cfg_scale > 1"):
+        true_cfg.check_paths()
+    true_cfg.close()
+
+
+def _shifted(sigma: float, mu: float) -> float:
+    """FLUX's exponential time shift of a noise level (by hand)."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0)) if sigma > 0 else 0.0
+
+
+def test_flux_steps_reproduce_the_pipeline_and_renoise_by_hand(pipes):
+    generator = DiffusersGenerator(pipes("flux"), num_inference_steps=3, height=16, width=16)
+    generator.check_paths()
+    # 16 image tokens = the scheduler's base_image_seq_len, so mu = base_shift = 0.5; sigmas 1, 2/3, 1/3, 0
+    sigmas = [_shifted(x, 0.5) for x in (1.0, 2 / 3, 1 / 3, 0.0)]
+    assert generator.flow_sigmas().tolist() == pytest.approx(sigmas, abs=1e-6)
+    noises = seed_noises([5, 6], generator.latent_shape)
+    direct = generator.generate("a cat", noises)
+    half, _ = generator.run_steps("a cat", generator.start_paths(noises), 2)
+    final, predicted = generator.run_steps("a cat", half, 3)
+    assert final.latents.shape == (2, 4, 8, 8)  # path states stay unpacked
+    assert generator.nfe == 2 * 3 + 2 * 3  # pipeline call + stepped run, 1 per image per step
+    stepped = generator.decode(final.latents)
+    assert all(np.array_equal(a, b) for a, b in zip(direct, stepped, strict=True))  # the pipeline's own loop
+    assert torch.allclose(predicted, final.latents, atol=1e-6)  # last step to sigma 0: x_0 = x_t - sigma_t v
+    eps = seed_noises([9, 10], generator.latent_shape)
+    s, t = sigmas[1], sigmas[2]
+    back = generator.renoise(half, 1, eps)
+    ratio = (1 - s) / (1 - t)
+    by_hand = ratio * half.latents.double() + math.sqrt(s * s - ratio * ratio * t * t) * eps.double()
+    assert back.step == 1 and torch.allclose(back.latents.double(), by_hand, atol=1e-6)
+    back = generator.renoise(final, 1, eps)  # from the end (t = 0): (1 - s) x_0 + s eps with s = sigmas[2]
+    by_hand = (1 - t) * final.latents.double() + t * eps.double()
+    assert back.step == 2 and torch.allclose(back.latents.double(), by_hand, atol=1e-6)
+    # the re-noised latents have the marginal of step s: x_t = (1 - t) x0 + t e  ->  mean (1 - s) x0, std s
+    x0, count = 0.7, 4096
+    e = seed_noises(range(count), (4, 8, 8))
+    moved = generator.renoise(PathState((1 - t) * x0 + t * e, 2), 1, seed_noises(range(count, 2 * count),
+                                                                                  (4, 8, 8))).latents.double()
+    assert float(moved.mean()) == pytest.approx((1 - s) * x0, abs=4 * s / math.sqrt(moved.numel()))
+    assert float(moved.std()) == pytest.approx(s, rel=0.01)
+    generator.close()
+
+
+def test_search_over_paths_on_flux(tmp_path, pipes, colour):
+    generator = DiffusersGenerator(pipes("flux"), num_inference_steps=4, height=16, width=16)
+    summary = run_search(generator, RewardEnsemble([colour]), [PromptItem("a red circle", "p0")], tmp_path / "run",
+                         SearchConfig(method="paths", num_candidates=2, rounds=1, branches=2, renoise_steps=1),
+                         gallery=False)
+    cands = load_candidates(tmp_path / "run" / "prompts" / "p0")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    # round 0: 2 paths x steps 0..2 (4 NFEs); round 1: 4 branches re-noised to step 1, run to 4 (12 NFEs)
+    assert [r["nfe"] for r in rows] == [4, 16]
+    assert [c.final for c in cands] == [False, False, True, True, True, True]
+    assert sorted(c.parent for c in cands[2:]) == [0, 0, 1, 1]  # each kept path branched twice
+    best = summary.results[0]
+    assert best.best in (2, 3, 4, 5) and best.best_score == max(c.score for c in cands[2:])
     generator.close()
 
 
@@ -255,9 +314,7 @@ def test_cli_on_a_saved_flux_folder_writes_the_run_and_resumes(tmp_path, pipes, 
     assert second.exit_code == 0, second.output
     assert "2 prompt(s), 2 already done" in second.output
     assert [p.stat().st_mtime_ns for p in pngs] == stamps  # nothing regenerated
-    refused = CliRunner().invoke(cli, [*common, "--method", "paths", "-o", str(tmp_path / "paths")])
-    assert refused.exit_code == 2 and not (tmp_path / "paths").exists()
-    assert "Traceback" not in refused.output  # stderr also holds diffusers' loading progress bar
-    assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [
-        "error: search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x UNet pipelines only, not on "
-        "FluxPipeline — use best-of-n, random or zero-order search with this pipeline"]
+    paths = CliRunner().invoke(cli, [*common, "--method", "paths", "--rounds", "1", "-o", str(tmp_path / "paths")])
+    assert paths.exit_code == 0, paths.output
+    # per prompt: 2 paths run to step 1 (2 NFEs), 4 branches re-noised back to step 0 and run to 2 (8 NFEs)
+    assert "2 prompt(s), 0 already done, 20 NFEs" in paths.output
