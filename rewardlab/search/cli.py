@@ -70,12 +70,12 @@ def _load_ensemble(terms, normalize, calibration, device, dtype):
 @click.option("--seed", type=int, default=0, show_default=True, help="First noise seed.")
 @click.option("--batch-size", "-b", type=int, default=8, show_default=True, help="Images per pipeline call.")
 @click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps.")
-@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale; on FLUX the distilled guidance input (default: the pipeline's).")
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
 @click.option("--negative-prompt", default=None)
 @click.option("--scheduler", type=click.Choice(["default", "ddim"]), default="default", show_default=True,
-              help="ddim swaps in a DDIM scheduler (needed by --method paths).")
+              help="ddim swaps in a DDIM scheduler (needed by --method paths on SD 1.x/2.x).")
 @click.option("--pipeline-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Pipeline precision (default: fp16 on CUDA, fp32 on CPU).")
 @_reward_options

@@ -2,13 +2,14 @@
 denoiser calls counted.
 
 Any pipeline whose ``__call__`` takes ``prompt``, ``latents``, ``num_inference_steps`` and ``output_type``
-works for best-of-N, random and zero-order search (Stable Diffusion 1.x/2.x, SDXL, FLUX, ...). Search over
-paths needs the step-by-step loop and runs on UNet pipelines without added conditioning (SD 1.x/2.x)
-with a DDIM scheduler, whose deterministic steps and closed-form re-noising it relies on.
+works for best-of-N, random and zero-order search (tested: Stable Diffusion 1.x, SDXL, SD3, FLUX). Search
+over paths needs the step-by-step loop and closed-form re-noising: it runs on UNet pipelines without added
+conditioning (SD 1.x/2.x) with a DDIM scheduler, and on FLUX with its flow-matching Euler scheduler.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,15 +49,35 @@ class DiffusersGenerator:
         if self.denoiser is None:
             raise UsageError(f"{type(pipe).__name__} has neither a unet nor a transformer",
                              "pass a diffusers text-to-image pipeline")
-        scale = int(getattr(pipe, "vae_scale_factor", 8))
-        sample = getattr(self.denoiser.config, "sample_size", None)
-        default = sample * scale if isinstance(sample, int) and self._is_unet else 1024
+        default = self._default_size()
         self.height = int(height or default)
         self.width = int(width or default)
+        self._set_eval()
         self.nfe = 0
         self._hook = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+
+    def _set_eval(self) -> None:
+        """Put every module of the pipeline in eval mode: ``from_pretrained`` does, but a pipeline built from
+        freshly constructed modules keeps them in training mode, where dropout (T5's, for SD3 and FLUX) would
+        make a recorded seed give different pixels on every call."""
+        for name, component in getattr(self.pipe, "components", {}).items():
+            if isinstance(component, torch.nn.Module) and component.training:
+                logger.info("%s: %s was in training mode; switching it to eval", type(self.pipe).__name__, name)
+                component.eval()
+
+    def _default_size(self) -> int:
+        """The pipeline's own default image side: ``default_sample_size`` (SDXL, SD3, FLUX) or the
+        denoiser's ``sample_size`` (SD 1.x/2.x), times the VAE scale factor; 1024 when neither is known."""
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        for sample in (getattr(self.pipe, "default_sample_size", None),
+                       getattr(self.denoiser.config, "sample_size", None)):
+            if isinstance(sample, int) and sample > 0:
+                return sample * scale
+        logger.warning("%s gives no default image size; using 1024x1024 (pass height and width)",
+                       type(self.pipe).__name__)
+        return 1024
 
     @property
     def _is_unet(self) -> bool:
@@ -114,22 +135,43 @@ class DiffusersGenerator:
         return [to_uint8(image) for image in out.images]
 
     # -- step-by-step sampling, for search over paths ---------------------------------------------------
+    # Path states hold latents in the unpacked (B, *latent_shape) layout for every pipeline.
+
+    @property
+    def _is_flux(self) -> bool:
+        from diffusers import FluxPipeline
+
+        return isinstance(self.pipe, FluxPipeline)
 
     def check_paths(self) -> None:
-        """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised (SD + DDIM)."""
-        from diffusers import DDIMScheduler
+        """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised: SD 1.x/2.x with a
+        DDIM scheduler, or FLUX with its flow-matching Euler scheduler (without true CFG)."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+        name, scheduler = type(self.pipe).__name__, type(self.pipe.scheduler).__name__
+        if self._is_flux:
+            if not isinstance(self.pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise UsageError(f"search over paths on {name} needs FlowMatchEulerDiscreteScheduler, not {scheduler}")
+            if float(self.call_kwargs.get("true_cfg_scale", 1.0)) > 1.0:
+                raise UsageError(f"search over paths on {name} does not support true_cfg_scale > 1",
+                                 "drop true_cfg_scale (FLUX's guidance is distilled into the model)")
+            return
         unet = getattr(self.pipe, "unet", None)
         if unet is None or getattr(unet.config, "addition_embed_type", None) is not None \
                 or not hasattr(self.pipe, "encode_prompt"):
-            raise UsageError(f"search over paths needs a Stable Diffusion 1.x/2.x style pipeline, not "
-                             f"{type(self.pipe).__name__}", "use best-of-n, random or zero-order search")
+            raise UsageError(f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x and FLUX "
+                             f"pipelines only, not on {name}",
+                             "use best-of-n, random or zero-order search with this pipeline")
         if not isinstance(self.pipe.scheduler, DDIMScheduler):
-            raise UsageError(f"search over paths needs a DDIM scheduler, not {type(self.pipe.scheduler).__name__}",
+            raise UsageError(f"search over paths needs a DDIM scheduler, not {scheduler}",
                              "set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
 
+    def _default_guidance(self) -> float:
+        """The ``guidance_scale`` default of the pipeline's ``__call__`` (7.5 for SD, 3.5 for FLUX)."""
+        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
+
     def _guidance(self) -> tuple[float, bool]:
-        scale = 7.5 if self.guidance_scale is None else float(self.guidance_scale)
+        scale = self._default_guidance() if self.guidance_scale is None else float(self.guidance_scale)
         return scale, scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
 
     @torch.inference_mode()
@@ -140,12 +182,34 @@ class DiffusersGenerator:
         return torch.cat([negative, positive]) if cfg else positive
 
     def timesteps(self) -> torch.Tensor:
-        self.pipe.scheduler.set_timesteps(self.num_inference_steps, device=self.pipe.device)
-        return self.pipe.scheduler.timesteps
+        """The sampling timesteps, set on the pipeline's scheduler as its ``__call__`` sets them."""
+        scheduler, steps = self.pipe.scheduler, self.num_inference_steps
+        if not self._is_flux:
+            scheduler.set_timesteps(steps, device=self.pipe.device)
+            return scheduler.timesteps
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1.0 / steps, steps)
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=self.pipe.device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.pipe.device, mu=mu)
+        return scheduler.timesteps
+
+    def flow_sigmas(self) -> torch.Tensor:
+        """FLUX: the noise level of each step boundary (``num_inference_steps + 1`` values, last 0)."""
+        self.timesteps()
+        return self.pipe.scheduler.sigmas.detach().double().cpu()
 
     @torch.inference_mode()
     def run_steps(self, prompt: str, state: PathState, end: int) -> tuple[PathState, torch.Tensor]:
         """Run steps ``state.step .. end-1``; returns the new state and the predicted clean latents."""
+        if self._is_flux:
+            return self._run_flux_steps(prompt, state, end)
         scale, cfg = self._guidance()
         timesteps = self.timesteps()
         scheduler = self.pipe.scheduler
@@ -163,29 +227,70 @@ class DiffusersGenerator:
             latents, predicted = out.prev_sample, out.pred_original_sample
         return PathState(latents, end), predicted
 
+    def _run_flux_steps(self, prompt: str, state: PathState, end: int) -> tuple[PathState, torch.Tensor]:
+        """FluxPipeline's denoising loop from step ``state.step``: velocity ``v`` from the transformer, the
+        scheduler's Euler step, and the predicted clean latents ``x_t - sigma_t v``."""
+        pipe, scheduler = self.pipe, self.pipe.scheduler
+        timesteps = self.timesteps()
+        scheduler.set_begin_index(state.step)
+        count, channels, height, width = state.latents.shape
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=[prompt] * count, prompt_2=None, device=pipe.device, num_images_per_prompt=1,
+            max_sequence_length=self.call_kwargs.get("max_sequence_length", 512))
+        latents = pipe._pack_latents(state.latents.to(pipe.device, embeds.dtype), count, channels, height, width)
+        image_ids = pipe._prepare_latent_image_ids(count, height // 2, width // 2, pipe.device, embeds.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            scale = self._default_guidance() if self.guidance_scale is None else float(self.guidance_scale)
+            guidance = torch.full([count], scale, device=pipe.device, dtype=torch.float32)
+        predicted = latents
+        for index in range(state.step, end):
+            t = timesteps[index]
+            velocity = self.denoiser(hidden_states=latents, timestep=t.expand(count).to(latents.dtype) / 1000,
+                                     guidance=guidance, pooled_projections=pooled, encoder_hidden_states=embeds,
+                                     txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs=None,
+                                     return_dict=False)[0]
+            predicted = latents - scheduler.sigmas[index].to(latents.device, latents.dtype) * velocity
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        unpack = pipe._unpack_latents
+        return (PathState(unpack(latents, self.height, self.width, pipe.vae_scale_factor), end),
+                unpack(predicted, self.height, self.width, pipe.vae_scale_factor))
+
     def start_paths(self, noises: torch.Tensor) -> PathState:
         sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
         return PathState(noises.to(self.pipe.device, self.denoiser.dtype) * sigma, 0)
 
     def renoise(self, state: PathState, back: int, noises: torch.Tensor) -> PathState:
-        """Move latents at ``state.step`` back ``back`` steps with the forward process q(x_s | x_t):
-        ``x_s = sqrt(a_s / a_t) x_t + sqrt(1 - a_s / a_t) eps`` (``a`` = cumulative alpha)."""
+        """Move latents at ``state.step`` back ``back`` steps with the forward process q(x_s | x_t).
+
+        DDIM: ``x_s = sqrt(a_s / a_t) x_t + sqrt(1 - a_s / a_t) eps`` (``a`` = cumulative alpha).
+        Flow matching (``x_t = (1 - t) x_0 + t eps``): ``x_s = r x_t + sqrt(s^2 - r^2 t^2) eps`` with
+        ``r = (1 - s) / (1 - t)``; at the final step (t = 0) this is ``(1 - s) x_0 + s eps``."""
         back = min(back, state.step)
         if back == 0:
             return state
+        latents, noises = state.latents.double().cpu(), noises.double().cpu()
+        if self._is_flux:
+            sigmas = self.flow_sigmas()
+            s, t = float(sigmas[state.step - back]), float(sigmas[state.step])
+            ratio = (1.0 - s) / (1.0 - t)
+            moved = ratio * latents + max(s * s - ratio * ratio * t * t, 0.0) ** 0.5 * noises
+            return PathState(moved.to(self.pipe.device, self.denoiser.dtype), state.step - back)
         timesteps = self.timesteps()
         alphas = self.pipe.scheduler.alphas_cumprod.to(torch.float64)
         ratio = float(alphas[int(timesteps[state.step - back])] / alphas[int(timesteps[state.step])]) \
             if state.step < len(timesteps) else float(alphas[int(timesteps[state.step - back])])
-        latents = state.latents.double().cpu()
-        moved = ratio ** 0.5 * latents + (1.0 - ratio) ** 0.5 * noises.double().cpu()
+        moved = ratio ** 0.5 * latents + (1.0 - ratio) ** 0.5 * noises
         return PathState(moved.to(self.pipe.device, self.denoiser.dtype), state.step - back)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """Clean latents to uint8 images with the pipeline's VAE and post-processing."""
+        """Clean latents (unpacked) to uint8 images with the pipeline's VAE and post-processing."""
         vae = self.pipe.vae
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:
+            latents = latents + vae.config.shift_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
         images = self.pipe.image_processor.postprocess(pixels, output_type="np",
                                                         do_denormalize=[True] * len(pixels))
         return [to_uint8(image) for image in images]

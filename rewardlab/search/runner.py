@@ -7,8 +7,9 @@ Methods (``SearchConfig.method``):
 - ``zero-order``: round 0 scores one seeded pivot noise; each later round scores ``num_neighbors`` noises
   with the pivot's norm and cosine ``threshold`` to it, and the pivot moves to the best candidate so far.
 - ``paths``: ``num_candidates`` seeded paths run to the first checkpoint; each round re-noises every kept
-  path ``branches`` times by ``renoise_steps`` DDIM steps, continues to the next checkpoint, scores the
-  predicted clean images and keeps the best ``num_candidates``; the last round ends at the final step.
+  path ``branches`` times by ``renoise_steps`` scheduler steps (DDIM on SD 1.x/2.x, flow matching on
+  FLUX), continues to the next checkpoint, scores the predicted clean images and keeps the best
+  ``num_candidates``; the last round ends at the final step.
 
 Scoring: every round's new candidates go through each verifier in one batched call
 (:meth:`RewardEnsemble.score_detailed`). Several verifiers are combined by the ensemble's rule over the
@@ -451,6 +452,8 @@ def run_search(generator, ensemble, prompts: Sequence[PromptItem], output_dir: s
     same settings are skipped. Returns per-prompt results; writes the files listed in the module docstring."""
     config = config or SearchConfig()
     config.validate()
+    if config.method == "paths":
+        generator.check_paths()  # refuse before any file is written
     folder = Path(output_dir)
     settings = {"method": config.method, "search": config.recorded(), "generator": generator.describe(),
                 "verifiers": list(ensemble.labels), "weights": ensemble.weights, "normalize": ensemble.normalize}
