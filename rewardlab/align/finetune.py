@@ -12,6 +12,7 @@ reaches the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -75,6 +76,7 @@ class FinetuneConfig:
     truncation_mean: float = 8.0
     truncation_std: float = 5.0
     train_guidance_scale: float = 1.0  # draft / alignprop only (ReFL trains without CFG)
+    embedded_guidance: float = 3.5  # FLUX guidance-distilled transformers (FLUX.1-dev): the guidance embedding
     loss: str = "auto"  # auto (refl: relu_margin, else negative) | relu_margin | negative
     margin: float = 2.0
     grad_scale: float | None = None  # default: 1e-3 for relu_margin, 1.0 for negative
@@ -89,6 +91,8 @@ class FinetuneConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    ema: bool = False  # diffusers' EMAModel over the trainable weights (ImageReward's --use_ema)
+    ema_decay: float = 0.9999  # cap of EMAModel's decay min((1 + s) / (10 + s), ema_decay), s = updates - 1
     batch_size: int = 2  # prompts per process per micro-batch
     grad_accum: int = 1
     max_steps: int = 100  # reward optimizer steps
@@ -149,12 +153,17 @@ class FinetuneConfig:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ConfigError(f"setting {key}: {getattr(self, key)!r} must be an integer >= 0")
         for key in ("lr", "margin", "max_grad_norm", "weight_decay", "pretrain_weight", "train_guidance_scale",
-                    "validation_guidance_scale", "truncation_mean", "truncation_std", "adam_epsilon"):
+                    "validation_guidance_scale", "truncation_mean", "truncation_std", "adam_epsilon",
+                    "embedded_guidance", "ema_decay"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"setting {key}: {value!r} must be a finite number")
         if self.lr <= 0:
             raise ConfigError(f"setting lr: {self.lr} must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"setting ema_decay: {self.ema_decay} must be in [0, 1)")
+        if not isinstance(self.ema, bool):
+            raise ConfigError(f"setting ema: {self.ema!r} must be true or false")
         if self.grad_scale is not None and not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
             raise ConfigError(f"setting grad_scale: {self.grad_scale} must be a finite number > 0")
         if not self.reward:
@@ -237,7 +246,7 @@ class Finetuner:
             pipeline = DiffusionPipeline.from_pretrained(config.pretrained_model, revision=config.revision)
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
-        self.generator = wrap_pipeline(pipeline, config.height, config.width)
+        self.generator = wrap_pipeline(pipeline, config.height, config.width, config.embedded_guidance)
         self._prepare_parameters(device)
         if reward is None:
             reward = RewardEnsemble.load(config.reward, normalize=config.reward_normalize,
@@ -255,6 +264,11 @@ class Finetuner:
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.generator.denoiser, optimizer)
         self.trainable_parameters = sum(p.numel() for p in params)
+        self.ema = None
+        if config.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=config.ema_decay)
         self.state: dict = {"step": 0, "base": None}
 
     # -- setup -------------------------------------------------------------------------------------
@@ -281,6 +295,23 @@ class Finetuner:
     def _unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.denoiser)
 
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return list(trainable_state(self._unwrapped()).values())
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Inside: the denoiser holds the EMA weights (when ``ema`` is on); the trained ones after."""
+        if self.ema is None:
+            yield
+            return
+        params = self._trainable()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
     # -- logging and state -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -305,6 +336,8 @@ class Finetuner:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
             if self.accelerator.scaler is not None:
                 torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), folder / "ema.pt")
             write_json(folder / "trainer_state.json", self.state)
             publish_version(root, folder, f"step-{self.state['step']:08d}")
         self.accelerator.wait_for_everyone()
@@ -326,6 +359,12 @@ class Finetuner:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").exists():
             self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        if self.ema is not None:
+            if not (folder / "ema.pt").exists():
+                raise ConfigError(f"{folder}: saved state has no EMA weights but ema is on",
+                                  "use a new output_dir or the settings of the interrupted run")
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=True))
+            self.ema.to(self.accelerator.device)
         self.state = json.loads((folder / "trainer_state.json").read_text())
         self._log({"event": "resumed", "step": self.state["step"]})
         return True
@@ -342,6 +381,7 @@ class Finetuner:
         guidance = c.method != "refl" and c.train_guidance_scale != 1.0
         conditioning = g.encode(prompts, device, guidance=guidance)
         scheduler = fresh_scheduler(self.pipeline, c.scheduler)
+        g.set_timesteps(scheduler, c.num_steps, device)  # Euler's initial sigma depends on the schedule
         latents = g.initial_latents(len(prompts), noise, device, scheduler)
         if c.method == "refl":
             stop = draw_stop_index(rng, c.refl_stop_min, c.refl_stop_max)
@@ -439,6 +479,9 @@ class Finetuner:
                     heldout += self.heldout.score_tensors(pixels.detach(), prompts)[0].float().cpu().tolist()
             infos.append(info)
         record["grad_norm"] = self._optimizer_step()
+        if self.ema is not None:
+            self.ema.step(self._trainable())
+            record["ema_decay"] = self.ema.cur_decay_value
         record["loss"] = losses
         if c.pretrain_loss == "weighted":
             record["pretrain_loss"] = pretrain_total
@@ -490,7 +533,8 @@ class Finetuner:
     def validate(self, step: int) -> dict:
         """Generate the validation prompts with fixed seeds, score them, save images and the gallery."""
         seeds = self.validation_seeds()
-        pixels = self.generate(self.validation_prompts, seeds)
+        with self.ema_weights():
+            pixels = self.generate(self.validation_prompts, seeds)
         scores = self.score(pixels, self.validation_prompts)
         run = {"step": step, "folder": f"gallery/step-{step:08d}", "scores": scores}
         if self.accelerator.is_main_process:
@@ -504,10 +548,12 @@ class Finetuner:
 
     # -- loop --------------------------------------------------------------------------------------
     def save_weights(self) -> Path:
-        """The trained parameters: ``lora/final`` (diffusers LoRA format) or ``<denoiser>/final``."""
-        if self.config.parameters == "lora":
-            return save_lora(self.generator, self._unwrapped(), self.out / "lora")
-        return save_full(self._unwrapped(), self.out / self.generator.denoiser_name)
+        """The trained parameters (the EMA weights when ``ema`` is on): ``lora/final`` (diffusers LoRA
+        format) or ``<denoiser>/final``."""
+        with self.ema_weights():
+            if self.config.parameters == "lora":
+                return save_lora(self.generator, self._unwrapped(), self.out / "lora")
+            return save_full(self._unwrapped(), self.out / self.generator.denoiser_name)
 
     def train(self) -> dict:
         c = self.config
