@@ -31,7 +31,7 @@ from ..scoring.ensemble import DIFFERENTIABLE, NORMALIZATIONS, RewardEnsemble, p
 from .backprop import TRUNCATIONS, draw_grad_steps, negative_reward_loss, sample_with_grad_window
 from .data import ImageTextPair, batch_indices, load_image_text_pairs, load_prompts, pixels_for_generator
 from .gallery import save_images, write_gallery
-from .generator import fresh_scheduler, wrap_pipeline
+from .generator import FluxGenerator, fresh_scheduler, wrap_pipeline
 from .lora import DEFAULT_TARGETS, add_lora, save_full, save_lora, trainable_state
 from .refl import REFL_GRAD_SCALE, draw_stop_index, refl_loss
 
@@ -279,6 +279,7 @@ class Finetuner:
             module = getattr(self.pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
+                module.eval()  # frozen: no dropout (T5 encoders have some)
                 _move(module, device, weight_dtype)
         denoiser = self.generator.denoiser
         if c.parameters == "lora":
@@ -501,17 +502,21 @@ class Finetuner:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int | None = None,
                  guidance_scale: float | None = None) -> torch.Tensor:
-        """Images of the current generator through the pipeline's own sampler: (B, 3, H, W) in [0, 1]."""
+        """Images of the current generator through the pipeline's own sampler: (B, 3, H, W) in [0, 1].
+        FLUX: the pipeline's ``guidance_scale`` is the guidance embedding, so ``embedded_guidance`` is used."""
         c = self.config
+        if guidance_scale is None:
+            guidance_scale = c.validation_guidance_scale
+        if isinstance(self.generator, FluxGenerator):  # FluxPipeline's guidance_scale is the embedded guidance
+            guidance_scale = self.generator.embedded_guidance
         out = []
         for start in range(0, len(prompts), c.batch_size):
             chunk = slice(start, start + c.batch_size)
             generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
             with self.accelerator.autocast():
                 images = self.pipeline(prompt=prompts[chunk], num_inference_steps=num_steps or c.validation_steps or c.num_steps,
-                                       guidance_scale=c.validation_guidance_scale if guidance_scale is None else guidance_scale,
-                                       generator=generators, output_type="pt", height=self.generator.height,
-                                       width=self.generator.width).images
+                                       guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                                       height=self.generator.height, width=self.generator.width).images
             out.append(images.float())
         return torch.cat(out)
 
