@@ -98,6 +98,8 @@ class FinetuneConfig:
     max_steps: int = 100  # reward optimizer steps
     pretrain_loss: str = "off"  # off | alternate (own optimizer step) | weighted (added to the reward loss)
     pretrain_weight: float = 1.0
+    pretrain_optimizer: str = "shared"  # alternate: shared (one AdamW, as ImageReward) | separate (own AdamW state)
+    pretrain_lr: float | None = None  # alternate: lr of the pretraining steps (default lr)
     pretrain_data: str | None = None  # image-text pairs (JSONL/JSON or a folder with metadata.jsonl)
     pretrain_batch_size: int | None = None  # default batch_size
     image_root: str | None = None
@@ -139,6 +141,7 @@ class FinetuneConfig:
         one_of("parameters", PARAMETERS)
         one_of("loss", LOSSES)
         one_of("pretrain_loss", PRETRAIN_MODES)
+        one_of("pretrain_optimizer", ("shared", "separate"))
         one_of("mixed_precision", PRECISIONS)
         one_of("truncation", TRUNCATIONS)
         one_of("scheduler", ("pipeline", "ddpm", "ddim"))
@@ -164,6 +167,9 @@ class FinetuneConfig:
             raise ConfigError(f"setting ema_decay: {self.ema_decay} must be in [0, 1)")
         if not isinstance(self.ema, bool):
             raise ConfigError(f"setting ema: {self.ema!r} must be true or false")
+        if self.pretrain_lr is not None and not (isinstance(self.pretrain_lr, (int, float)) and
+                                                 math.isfinite(self.pretrain_lr) and self.pretrain_lr > 0):
+            raise ConfigError(f"setting pretrain_lr: {self.pretrain_lr!r} must be a finite number > 0")
         if self.grad_scale is not None and not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
             raise ConfigError(f"setting grad_scale: {self.grad_scale} must be a finite number > 0")
         if not self.reward:
@@ -260,9 +266,16 @@ class Finetuner:
         self.reward, self.heldout = reward, heldout
 
         params = [p for p in self.generator.denoiser.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        self.denoiser, self.optimizer = self.accelerator.prepare(self.generator.denoiser, optimizer)
+        def adamw():
+            return torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                     eps=config.adam_epsilon, weight_decay=config.weight_decay)
+
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.generator.denoiser, adamw())
+        # alternate mode: the pretraining steps use the reward's AdamW (ImageReward's ReFL_SDXL.py) or their own
+        # (Adam moments of the two losses not mixed)
+        self.pretrain_optimizer = self.optimizer
+        if config.pretrain_loss == "alternate" and config.pretrain_optimizer == "separate":
+            self.pretrain_optimizer = self.accelerator.prepare(adamw())
         self.trainable_parameters = sum(p.numel() for p in params)
         self.ema = None
         if config.ema:
@@ -335,6 +348,8 @@ class Finetuner:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state(self._unwrapped()).items()}
             save_file(tensors, str(folder / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            if self.pretrain_optimizer is not self.optimizer:
+                torch.save(self.pretrain_optimizer.state_dict(), folder / "pretrain_optimizer.pt")
             if self.accelerator.scaler is not None:
                 torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
             if self.ema is not None:
@@ -358,6 +373,9 @@ class Finetuner:
             for name, param in params.items():
                 param.copy_(tensors[name].to(param.device, param.dtype))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        if self.pretrain_optimizer is not self.optimizer:
+            self.pretrain_optimizer.load_state_dict(torch.load(folder / "pretrain_optimizer.pt", map_location="cpu",
+                                                               weights_only=True))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").exists():
             self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
         if self.ema is not None:
@@ -419,13 +437,14 @@ class Finetuner:
         conditioning = g.encode([p.text for p in pairs], self.accelerator.device)
         return g.noise_prediction_loss(self.denoiser, g.training_scheduler(), pixels, conditioning, noise)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, optimizer=None) -> float:
         c = self.config
+        optimizer = optimizer or self.optimizer
         norm = float("nan")
         if c.max_grad_norm > 0:
             norm = float(self.accelerator.clip_grad_norm_(self.denoiser.parameters(), c.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return norm
 
     def _check_finite(self, name: str, value: torch.Tensor, step: int) -> None:
@@ -443,6 +462,10 @@ class Finetuner:
             group["lr"] = self._lr(step)
         record: dict = {"step": step + 1, "lr": self._lr(step)}
         if c.pretrain_loss == "alternate":
+            pretrain_lr = self._lr(step) * (c.pretrain_lr / c.lr if c.pretrain_lr is not None else 1.0)
+            for group in self.pretrain_optimizer.param_groups:
+                group["lr"] = pretrain_lr
+        if c.pretrain_loss == "alternate":
             total = 0.0
             for micro in range(c.grad_accum):
                 with acc.autocast():
@@ -451,7 +474,10 @@ class Finetuner:
                 acc.backward(loss)
                 total += float(loss.detach())
             record["pretrain_loss"] = total
-            record["pretrain_grad_norm"] = self._optimizer_step()
+            record["pretrain_grad_norm"] = self._optimizer_step(self.pretrain_optimizer)
+            if self.pretrain_optimizer is self.optimizer:  # the reward step's own lr
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr(step)
         rewards, heldout, per_model, losses, infos = [], [], {}, 0.0, []
         pretrain_total = 0.0
         for micro in range(c.grad_accum):

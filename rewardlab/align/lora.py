@@ -45,7 +45,7 @@ def lora_layers(denoiser: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(denoiser)
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    layers = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in layers.items()}
     return layers, denoiser.peft_config["default"].to_dict()
 
 

@@ -220,3 +220,22 @@ def test_pretraining_loss_by_hand(tmp_path, kind, pairs):
         assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
         if kind != "sdxl":  # the flow target, not the noise
             assert abs(torch.nn.functional.mse_loss(prediction, n).item() - loss.item()) > 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, kind):
+    """Also with Euler's input scaling (SDXL), which reads the scheduler's moving step index."""
+    grads = []
+    for checkpointing in (False, True):
+        pipe = _pipe(kind, tmp_path / str(checkpointing))
+        g = wrap_pipeline(pipe, 16, 16)
+        conditioning = g.encode(PROMPTS[:2], CPU)
+        scheduler = fresh_scheduler(pipe)
+        g.set_timesteps(scheduler, 4, CPU)
+        latents = g.initial_latents(2, torch.Generator().manual_seed(0), CPU, scheduler)
+        final = sample_with_grad_window(g, g.denoiser, scheduler, latents, conditioning, 4, grad_from=1,
+                                        gradient_checkpointing=checkpointing)
+        g.decode(final).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in g.denoiser.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
