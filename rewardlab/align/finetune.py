@@ -292,7 +292,6 @@ class Finetuner:
             module = getattr(self.pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
-                module.eval()  # frozen: no dropout (T5 encoders have some)
                 _move(module, device, weight_dtype)
         denoiser = self.generator.denoiser
         if c.parameters == "lora":

@@ -43,9 +43,9 @@ def tiny_pipeline(folder: Path, seed: int = 0):
                         norm_num_groups=8, sample_size=16)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               steps_offset=1)
-    return _as_loaded(StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False))
+                                   requires_safety_checker=False)
 
 
 def char_t5_tokenizer(max_length: int = 16):

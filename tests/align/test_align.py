@@ -382,8 +382,14 @@ def test_recipes_load_and_overrides(tmp_path):
     assert (refl.method, refl.num_steps, refl.refl_stop_min, refl.refl_stop_max) == ("refl", 40, 30, 39)
     assert (refl.lr, refl.weight_decay, refl.batch_size, refl.grad_accum, refl.max_steps) == (1e-5, 1e-2, 2, 4, 100)
     assert refl.effective_grad_scale == 1e-3 and refl.parameters == "full" and refl.pretrain_loss == "off"
+    assert refl.ema and refl.ema_decay == 0.9999  # train_refl.sh --use_ema, EMAModel's default decay
     draft = FinetuneConfig.from_yaml(str(root / "draft-lora-sd15.yaml"), ["draft_k=2", "pretrain_loss=weighted"])
     assert draft.draft_k == 2 and draft.pretrain_loss == "weighted" and draft.lora_rank == 32
+    assert draft.pretrain_optimizer == "separate" and not draft.ema
+    with pytest.raises(ConfigError, match="pretrain_optimizer: 'both' is not one of shared, separate"):
+        FinetuneConfig.from_yaml(None, ["prompts=p.txt", "pretrain_optimizer=both"])
+    with pytest.raises(ConfigError, match=r"ema_decay: 1.0 must be in \[0, 1\)"):
+        FinetuneConfig.from_yaml(None, ["prompts=p.txt", "ema_decay=1.0"])
     with pytest.raises(ConfigError, match="ReFL trains without classifier-free guidance"):
         FinetuneConfig.from_yaml(None, ["prompts=p.txt", "train_guidance_scale=5"])
     with pytest.raises(ConfigError, match=r"stop range \[30, 39\] must lie within 0..num_steps-1 = 9"):
