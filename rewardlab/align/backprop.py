@@ -34,7 +34,7 @@ def sample_with_grad_window(generator: Generator, denoiser, scheduler, latents: 
     """Denoise ``latents`` over ``num_steps`` scheduler steps; steps ``i >= grad_from`` carry gradient.
 
     Returns the predicted x0 at step ``stop_at`` when given, else the latents after the last step."""
-    scheduler.set_timesteps(num_steps, device=latents.device)
+    generator.set_timesteps(scheduler, num_steps, latents.device)
     timesteps = scheduler.timesteps
     if len(timesteps) != num_steps:
         raise ConfigError(f"{type(scheduler).__name__} made {len(timesteps)} timesteps for {num_steps} steps")
@@ -44,13 +44,16 @@ def sample_with_grad_window(generator: Generator, denoiser, scheduler, latents: 
     for i in range(last + 1):
         t = timesteps[i]
         with torch.set_grad_enabled(i >= grad_from):
+            # input scaling stays outside the checkpoint: Euler schedulers read their step index there,
+            # which has moved on by the time the backward pass recomputes the denoiser call
+            model_input = generator.scale_input(scheduler, latents, t)
             if i >= grad_from and gradient_checkpointing:
                 def call(x, t=t):
-                    return generator.model_output(denoiser, scheduler, x, t, conditioning, guidance_scale)
+                    return generator.guided_output(denoiser, x, t, conditioning, guidance_scale)
 
-                output = _checkpoint(call, latents, use_reentrant=False)
+                output = _checkpoint(call, model_input, use_reentrant=False)
             else:
-                output = generator.model_output(denoiser, scheduler, latents, t, conditioning, guidance_scale)
+                output = generator.guided_output(denoiser, model_input, t, conditioning, guidance_scale)
             step = scheduler_step(scheduler, output, t, latents, noise_generator)
             if i == stop_at:
                 return generator.predicted_x0(scheduler, step, output, t, latents)

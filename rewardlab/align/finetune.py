@@ -12,6 +12,7 @@ reaches the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from ..scoring.ensemble import DIFFERENTIABLE, NORMALIZATIONS, RewardEnsemble, p
 from .backprop import TRUNCATIONS, draw_grad_steps, negative_reward_loss, sample_with_grad_window
 from .data import ImageTextPair, batch_indices, load_image_text_pairs, load_prompts, pixels_for_generator
 from .gallery import save_images, write_gallery
-from .generator import fresh_scheduler, wrap_pipeline
+from .generator import FluxGenerator, fresh_scheduler, wrap_pipeline
 from .lora import DEFAULT_TARGETS, add_lora, save_full, save_lora, trainable_state
 from .refl import REFL_GRAD_SCALE, draw_stop_index, refl_loss
 
@@ -75,6 +76,7 @@ class FinetuneConfig:
     truncation_mean: float = 8.0
     truncation_std: float = 5.0
     train_guidance_scale: float = 1.0  # draft / alignprop only (ReFL trains without CFG)
+    embedded_guidance: float = 3.5  # FLUX guidance-distilled transformers (FLUX.1-dev): the guidance embedding
     loss: str = "auto"  # auto (refl: relu_margin, else negative) | relu_margin | negative
     margin: float = 2.0
     grad_scale: float | None = None  # default: 1e-3 for relu_margin, 1.0 for negative
@@ -89,11 +91,15 @@ class FinetuneConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    ema: bool = False  # diffusers' EMAModel over the trainable weights (ImageReward's --use_ema)
+    ema_decay: float = 0.9999  # cap of EMAModel's decay min((1 + s) / (10 + s), ema_decay), s = updates - 1
     batch_size: int = 2  # prompts per process per micro-batch
     grad_accum: int = 1
     max_steps: int = 100  # reward optimizer steps
     pretrain_loss: str = "off"  # off | alternate (own optimizer step) | weighted (added to the reward loss)
     pretrain_weight: float = 1.0
+    pretrain_optimizer: str = "shared"  # alternate: shared (one AdamW, as ImageReward) | separate (own AdamW state)
+    pretrain_lr: float | None = None  # alternate: lr of the pretraining steps (default lr)
     pretrain_data: str | None = None  # image-text pairs (JSONL/JSON or a folder with metadata.jsonl)
     pretrain_batch_size: int | None = None  # default batch_size
     image_root: str | None = None
@@ -135,6 +141,7 @@ class FinetuneConfig:
         one_of("parameters", PARAMETERS)
         one_of("loss", LOSSES)
         one_of("pretrain_loss", PRETRAIN_MODES)
+        one_of("pretrain_optimizer", ("shared", "separate"))
         one_of("mixed_precision", PRECISIONS)
         one_of("truncation", TRUNCATIONS)
         one_of("scheduler", ("pipeline", "ddpm", "ddim"))
@@ -149,12 +156,20 @@ class FinetuneConfig:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ConfigError(f"setting {key}: {getattr(self, key)!r} must be an integer >= 0")
         for key in ("lr", "margin", "max_grad_norm", "weight_decay", "pretrain_weight", "train_guidance_scale",
-                    "validation_guidance_scale", "truncation_mean", "truncation_std", "adam_epsilon"):
+                    "validation_guidance_scale", "truncation_mean", "truncation_std", "adam_epsilon",
+                    "embedded_guidance", "ema_decay"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"setting {key}: {value!r} must be a finite number")
         if self.lr <= 0:
             raise ConfigError(f"setting lr: {self.lr} must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"setting ema_decay: {self.ema_decay} must be in [0, 1)")
+        if not isinstance(self.ema, bool):
+            raise ConfigError(f"setting ema: {self.ema!r} must be true or false")
+        if self.pretrain_lr is not None and not (isinstance(self.pretrain_lr, (int, float)) and
+                                                 math.isfinite(self.pretrain_lr) and self.pretrain_lr > 0):
+            raise ConfigError(f"setting pretrain_lr: {self.pretrain_lr!r} must be a finite number > 0")
         if self.grad_scale is not None and not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
             raise ConfigError(f"setting grad_scale: {self.grad_scale} must be a finite number > 0")
         if not self.reward:
@@ -237,7 +252,7 @@ class Finetuner:
             pipeline = DiffusionPipeline.from_pretrained(config.pretrained_model, revision=config.revision)
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
-        self.generator = wrap_pipeline(pipeline, config.height, config.width)
+        self.generator = wrap_pipeline(pipeline, config.height, config.width, config.embedded_guidance)
         self._prepare_parameters(device)
         if reward is None:
             reward = RewardEnsemble.load(config.reward, normalize=config.reward_normalize,
@@ -251,10 +266,22 @@ class Finetuner:
         self.reward, self.heldout = reward, heldout
 
         params = [p for p in self.generator.denoiser.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        self.denoiser, self.optimizer = self.accelerator.prepare(self.generator.denoiser, optimizer)
+        def adamw():
+            return torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                     eps=config.adam_epsilon, weight_decay=config.weight_decay)
+
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.generator.denoiser, adamw())
+        # alternate mode: the pretraining steps use the reward's AdamW (ImageReward's ReFL_SDXL.py) or their own
+        # (Adam moments of the two losses not mixed)
+        self.pretrain_optimizer = self.optimizer
+        if config.pretrain_loss == "alternate" and config.pretrain_optimizer == "separate":
+            self.pretrain_optimizer = self.accelerator.prepare(adamw())
         self.trainable_parameters = sum(p.numel() for p in params)
+        self.ema = None
+        if config.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=config.ema_decay)
         self.state: dict = {"step": 0, "base": None}
 
     # -- setup -------------------------------------------------------------------------------------
@@ -281,6 +308,23 @@ class Finetuner:
     def _unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.denoiser)
 
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return list(trainable_state(self._unwrapped()).values())
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Inside: the denoiser holds the EMA weights (when ``ema`` is on); the trained ones after."""
+        if self.ema is None:
+            yield
+            return
+        params = self._trainable()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
     # -- logging and state -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -303,8 +347,12 @@ class Finetuner:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state(self._unwrapped()).items()}
             save_file(tensors, str(folder / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            if self.pretrain_optimizer is not self.optimizer:
+                torch.save(self.pretrain_optimizer.state_dict(), folder / "pretrain_optimizer.pt")
             if self.accelerator.scaler is not None:
                 torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), folder / "ema.pt")
             write_json(folder / "trainer_state.json", self.state)
             publish_version(root, folder, f"step-{self.state['step']:08d}")
         self.accelerator.wait_for_everyone()
@@ -324,8 +372,17 @@ class Finetuner:
             for name, param in params.items():
                 param.copy_(tensors[name].to(param.device, param.dtype))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        if self.pretrain_optimizer is not self.optimizer:
+            self.pretrain_optimizer.load_state_dict(torch.load(folder / "pretrain_optimizer.pt", map_location="cpu",
+                                                               weights_only=True))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").exists():
             self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        if self.ema is not None:
+            if not (folder / "ema.pt").exists():
+                raise ConfigError(f"{folder}: saved state has no EMA weights but ema is on",
+                                  "use a new output_dir or the settings of the interrupted run")
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=True))
+            self.ema.to(self.accelerator.device)
         self.state = json.loads((folder / "trainer_state.json").read_text())
         self._log({"event": "resumed", "step": self.state["step"]})
         return True
@@ -342,6 +399,7 @@ class Finetuner:
         guidance = c.method != "refl" and c.train_guidance_scale != 1.0
         conditioning = g.encode(prompts, device, guidance=guidance)
         scheduler = fresh_scheduler(self.pipeline, c.scheduler)
+        g.set_timesteps(scheduler, c.num_steps, device)  # Euler's initial sigma depends on the schedule
         latents = g.initial_latents(len(prompts), noise, device, scheduler)
         if c.method == "refl":
             stop = draw_stop_index(rng, c.refl_stop_min, c.refl_stop_max)
@@ -378,13 +436,14 @@ class Finetuner:
         conditioning = g.encode([p.text for p in pairs], self.accelerator.device)
         return g.noise_prediction_loss(self.denoiser, g.training_scheduler(), pixels, conditioning, noise)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, optimizer=None) -> float:
         c = self.config
+        optimizer = optimizer or self.optimizer
         norm = float("nan")
         if c.max_grad_norm > 0:
             norm = float(self.accelerator.clip_grad_norm_(self.denoiser.parameters(), c.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return norm
 
     def _check_finite(self, name: str, value: torch.Tensor, step: int) -> None:
@@ -402,6 +461,10 @@ class Finetuner:
             group["lr"] = self._lr(step)
         record: dict = {"step": step + 1, "lr": self._lr(step)}
         if c.pretrain_loss == "alternate":
+            pretrain_lr = self._lr(step) * (c.pretrain_lr / c.lr if c.pretrain_lr is not None else 1.0)
+            for group in self.pretrain_optimizer.param_groups:
+                group["lr"] = pretrain_lr
+        if c.pretrain_loss == "alternate":
             total = 0.0
             for micro in range(c.grad_accum):
                 with acc.autocast():
@@ -410,7 +473,10 @@ class Finetuner:
                 acc.backward(loss)
                 total += float(loss.detach())
             record["pretrain_loss"] = total
-            record["pretrain_grad_norm"] = self._optimizer_step()
+            record["pretrain_grad_norm"] = self._optimizer_step(self.pretrain_optimizer)
+            if self.pretrain_optimizer is self.optimizer:  # the reward step's own lr
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr(step)
         rewards, heldout, per_model, losses, infos = [], [], {}, 0.0, []
         pretrain_total = 0.0
         for micro in range(c.grad_accum):
@@ -439,6 +505,9 @@ class Finetuner:
                     heldout += self.heldout.score_tensors(pixels.detach(), prompts)[0].float().cpu().tolist()
             infos.append(info)
         record["grad_norm"] = self._optimizer_step()
+        if self.ema is not None:
+            self.ema.step(self._trainable())
+            record["ema_decay"] = self.ema.cur_decay_value
         record["loss"] = losses
         if c.pretrain_loss == "weighted":
             record["pretrain_loss"] = pretrain_total
@@ -458,17 +527,21 @@ class Finetuner:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int | None = None,
                  guidance_scale: float | None = None) -> torch.Tensor:
-        """Images of the current generator through the pipeline's own sampler: (B, 3, H, W) in [0, 1]."""
+        """Images of the current generator through the pipeline's own sampler: (B, 3, H, W) in [0, 1].
+        FLUX: the pipeline's ``guidance_scale`` is the guidance embedding, so ``embedded_guidance`` is used."""
         c = self.config
+        if guidance_scale is None:
+            guidance_scale = c.validation_guidance_scale
+        if isinstance(self.generator, FluxGenerator):  # FluxPipeline's guidance_scale is the embedded guidance
+            guidance_scale = self.generator.embedded_guidance
         out = []
         for start in range(0, len(prompts), c.batch_size):
             chunk = slice(start, start + c.batch_size)
             generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
             with self.accelerator.autocast():
                 images = self.pipeline(prompt=prompts[chunk], num_inference_steps=num_steps or c.validation_steps or c.num_steps,
-                                       guidance_scale=c.validation_guidance_scale if guidance_scale is None else guidance_scale,
-                                       generator=generators, output_type="pt", height=self.generator.height,
-                                       width=self.generator.width).images
+                                       guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                                       height=self.generator.height, width=self.generator.width).images
             out.append(images.float())
         return torch.cat(out)
 
@@ -490,7 +563,8 @@ class Finetuner:
     def validate(self, step: int) -> dict:
         """Generate the validation prompts with fixed seeds, score them, save images and the gallery."""
         seeds = self.validation_seeds()
-        pixels = self.generate(self.validation_prompts, seeds)
+        with self.ema_weights():
+            pixels = self.generate(self.validation_prompts, seeds)
         scores = self.score(pixels, self.validation_prompts)
         run = {"step": step, "folder": f"gallery/step-{step:08d}", "scores": scores}
         if self.accelerator.is_main_process:
@@ -504,10 +578,12 @@ class Finetuner:
 
     # -- loop --------------------------------------------------------------------------------------
     def save_weights(self) -> Path:
-        """The trained parameters: ``lora/final`` (diffusers LoRA format) or ``<denoiser>/final``."""
-        if self.config.parameters == "lora":
-            return save_lora(self.generator, self._unwrapped(), self.out / "lora")
-        return save_full(self._unwrapped(), self.out / self.generator.denoiser_name)
+        """The trained parameters (the EMA weights when ``ema`` is on): ``lora/final`` (diffusers LoRA
+        format) or ``<denoiser>/final``."""
+        with self.ema_weights():
+            if self.config.parameters == "lora":
+                return save_lora(self.generator, self._unwrapped(), self.out / "lora")
+            return save_full(self._unwrapped(), self.out / self.generator.denoiser_name)
 
     def train(self) -> dict:
         c = self.config

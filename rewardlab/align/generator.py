@@ -6,18 +6,23 @@ noise-prediction (pretraining) loss, and the LoRA save call of the pipeline's cl
 
 Support:
 
-- ``StableDiffusionPipeline`` (SD 1.x, SD 2.x; epsilon and v-prediction): tested on CPU with the tiny
-  pipeline of :mod:`rewardlab.testing.diffusion`.
-- ``StableDiffusionXLPipeline``: written (pooled embeddings + time ids), not covered by a test.
-- ``StableDiffusion3Pipeline`` (flow matching; x0 = x_t - sigma * v): written, not covered by a test.
-  FLUX (packed latents, guidance embedding) is not supported.
+- ``StableDiffusionPipeline`` (SD 1.x, SD 2.x; epsilon and v-prediction): :class:`Generator`.
+- ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings + size/crop time ids):
+  :class:`SDXLGenerator`.
+- ``StableDiffusion3Pipeline`` (rectified flow; x0 = x_t - sigma * v): :class:`FlowMatchGenerator`.
+- ``FluxPipeline`` (rectified flow on packed 2x2 latents, ``img_ids``/``txt_ids``, pooled CLIP projections,
+  the guidance embedding of guidance-distilled transformers, timesteps / 1000, dynamically shifted sigmas):
+  :class:`FluxGenerator`.
+
+All four are tested on CPU with the tiny pipelines of :mod:`rewardlab.testing.diffusion` (the sampler
+reproduces the pipeline's own latents, LoRA round-trips through ``load_lora_weights``).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +38,7 @@ class Conditioning:
 
     cond: dict[str, Any]
     uncond: dict[str, Any] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)  # the same for cond and uncond, never batched
 
     @property
     def batch_size(self) -> int:
@@ -46,7 +52,17 @@ def fresh_scheduler(pipeline, kind: str = "pipeline"):
     classes = {"pipeline": type(pipeline.scheduler), "ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if kind not in classes:
         raise UsageError(f"unknown scheduler {kind!r}", f"use one of {', '.join(classes)}")
+    if kind != "pipeline" and not hasattr(pipeline, "unet"):
+        raise UsageError(f"scheduler {kind!r} does not apply to the flow-matching {type(pipeline).__name__}",
+                         "use scheduler: pipeline")
     return classes[kind].from_config(pipeline.scheduler.config)
+
+
+def _cat_batches(uncond: Any, cond: Any) -> Any:
+    """Unconditional and conditional denoiser arguments stacked along the batch (nested dicts too)."""
+    if isinstance(cond, dict):
+        return {k: _cat_batches(uncond[k], v) for k, v in cond.items()}
+    return torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else cond
 
 
 def scheduler_step(scheduler, model_output: torch.Tensor, t, latents: torch.Tensor,
@@ -59,27 +75,30 @@ def scheduler_step(scheduler, model_output: torch.Tensor, t, latents: torch.Tens
 
 
 class Generator:
-    """A UNet latent-diffusion pipeline (SD 1.x / 2.x). Subclasses adapt SDXL and flow matching."""
+    """A UNet latent-diffusion pipeline (SD 1.x / 2.x). Subclasses adapt SDXL, SD3 and FLUX."""
 
     flow_matching = False
+    denoiser_name = "unet"
+    latent_multiple = 1  # latent height/width must be a multiple of this (FLUX packs 2x2 patches)
 
     def __init__(self, pipeline, height: int | None = None, width: int | None = None):
         self.pipeline = pipeline
-        self.denoiser_name = "unet"
-        self.denoiser = pipeline.unet
+        self.denoiser = getattr(pipeline, self.denoiser_name)
         self.vae = pipeline.vae
-        factor = getattr(pipeline, "vae_scale_factor", 8)
-        default = self.denoiser.config.sample_size * factor
+        self.vae_factor = getattr(pipeline, "vae_scale_factor", 8)
+        sample_size = getattr(pipeline, "default_sample_size", None) or self.denoiser.config.sample_size
+        default = sample_size * self.vae_factor
         self.height, self.width = height or default, width or default
-        if self.height % factor or self.width % factor:
-            raise UsageError(f"image size {self.height}x{self.width} is not a multiple of the VAE factor {factor}")
-        self.latent_size = (self.height // factor, self.width // factor)
+        step = self.vae_factor * self.latent_multiple
+        if self.height % step or self.width % step:
+            raise UsageError(f"image size {self.height}x{self.width} is not a multiple of {step} "
+                             f"(VAE factor {self.vae_factor} x latent multiple {self.latent_multiple})")
+        self.latent_size = (self.height // self.vae_factor, self.width // self.vae_factor)
 
     # -- conditioning ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
-        positive, negative = self.pipeline.encode_prompt(list(prompts), device, 1, guidance,
-                                                          negative_prompt=[""] * len(prompts) if guidance else None)
+        positive, negative = self.pipeline.encode_prompt(list(prompts), device, 1, guidance)
         return Conditioning({"encoder_hidden_states": positive},
                             {"encoder_hidden_states": negative} if guidance else None)
 
@@ -88,26 +107,40 @@ class Generator:
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels
 
+    def set_timesteps(self, scheduler, num_steps: int, device: torch.device) -> None:
+        """The sampling schedule exactly as the pipeline's ``__call__`` sets it."""
+        scheduler.set_timesteps(num_steps, device=device)
+
     def initial_latents(self, batch: int, generator: torch.Generator, device: torch.device, scheduler,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Seeded Gaussian latents drawn on the generator's device, times the scheduler's initial sigma."""
+        """Seeded Gaussian latents drawn on the generator's device, times the scheduler's initial sigma
+        (call :meth:`set_timesteps` first: for Euler schedulers that sigma depends on the schedule)."""
         shape = (batch, self.latent_channels, *self.latent_size)
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         return (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(device=device, dtype=dtype)
 
-    def call_denoiser(self, denoiser, latents: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
-        return denoiser(latents, t, **cond).sample
+    def call_denoiser(self, denoiser, latents: torch.Tensor, t, cond: dict[str, Any],
+                      shared: dict[str, Any] | None = None) -> torch.Tensor:
+        return denoiser(latents, t, **cond, **(shared or {})).sample
+
+    def scale_input(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+        return scheduler.scale_model_input(latents, t)
+
+    def guided_output(self, denoiser, model_input: torch.Tensor, t, conditioning: Conditioning,
+                      guidance_scale: float = 1.0) -> torch.Tensor:
+        """The denoiser's prediction for already scaled input; classifier-free guidance when
+        ``guidance_scale != 1`` (one batched call, unconditional half first, as the pipelines do)."""
+        if guidance_scale == 1.0 or conditioning.uncond is None:
+            return self.call_denoiser(denoiser, model_input, t, conditioning.cond, conditioning.shared)
+        both = _cat_batches(conditioning.uncond, conditioning.cond)
+        uncond, cond = self.call_denoiser(denoiser, torch.cat([model_input] * 2), t, both,
+                                          conditioning.shared).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
 
     def model_output(self, denoiser, scheduler, latents: torch.Tensor, t, conditioning: Conditioning,
                      guidance_scale: float = 1.0) -> torch.Tensor:
-        """One denoiser prediction at timestep ``t``; classifier-free guidance when ``guidance_scale != 1``."""
-        model_input = scheduler.scale_model_input(latents, t)
-        if guidance_scale == 1.0 or conditioning.uncond is None:
-            return self.call_denoiser(denoiser, model_input, t, conditioning.cond)
-        both = {k: torch.cat([conditioning.uncond[k], v]) if isinstance(v, torch.Tensor) else v
-                for k, v in conditioning.cond.items()}
-        uncond, cond = self.call_denoiser(denoiser, torch.cat([model_input] * 2), t, both).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        """One denoiser prediction at timestep ``t`` (scheduler input scaling, then :meth:`guided_output`)."""
+        return self.guided_output(denoiser, self.scale_input(scheduler, latents, t), t, conditioning, guidance_scale)
 
     def predicted_x0(self, scheduler, step_output, model_output: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
         """The scheduler step's ``pred_original_sample`` (ReFL decodes it)."""
@@ -118,10 +151,18 @@ class Generator:
         return x0
 
     # -- decoding ----------------------------------------------------------------------------------
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents -> the VAE's (B, C, h, w) layout (FLUX unpacks)."""
+        return latents
+
+    def from_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [0, 1]: ``vae.decode(x / scaling_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)``."""
+        """Latents -> pixels in [0, 1]: ``vae.decode(x / scaling_factor + shift_factor)``, then
+        ``(x / 2 + 0.5).clamp(0, 1)``."""
         config = self.vae.config
-        latents = latents / config.scaling_factor
+        latents = self.to_vae_latents(latents) / config.scaling_factor
         shift = getattr(config, "shift_factor", None)
         if shift:
             latents = latents + shift
@@ -130,14 +171,14 @@ class Generator:
 
     @torch.no_grad()
     def encode_images(self, pixels01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[0, 1] pixels -> scaled VAE latents (a sample of the posterior)."""
+        """[0, 1] pixels -> scaled VAE latents (a sample of the posterior), in the denoiser's layout."""
         config = self.vae.config
         posterior = self.vae.encode((pixels01 * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
         shift = getattr(config, "shift_factor", None)
         if shift:
             latents = latents - shift
-        return (latents * config.scaling_factor).float()
+        return self.from_vae_latents((latents * config.scaling_factor).float())
 
     # -- pretraining loss --------------------------------------------------------------------------
     def noise_prediction_loss(self, denoiser, train_scheduler, pixels01: torch.Tensor, conditioning: Conditioning,
@@ -159,7 +200,7 @@ class Generator:
             target = train_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise UsageError(f"prediction_type {kind!r} has no pretraining loss here", "use epsilon or v_prediction")
-        prediction = self.call_denoiser(denoiser, noisy, timesteps, conditioning.cond)
+        prediction = self.call_denoiser(denoiser, noisy, timesteps, conditioning.cond, conditioning.shared)
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
     def training_scheduler(self):
@@ -169,8 +210,11 @@ class Generator:
 
     # -- LoRA --------------------------------------------------------------------------------------
     def save_lora(self, folder, layers: dict[str, torch.Tensor], metadata: dict) -> None:
-        type(self.pipeline).save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True)
+        """Write peft-named adapter ``layers`` with the pipeline class's ``save_lora_weights``."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        type(self.pipeline).save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
 
 
 class SDXLGenerator(Generator):
@@ -180,8 +224,7 @@ class SDXLGenerator(Generator):
     def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
         pipe = self.pipeline
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-            negative_prompt=[""] * len(prompts) if guidance else None)
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance)
         size = (self.height, self.width)
         projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
@@ -193,52 +236,46 @@ class SDXLGenerator(Generator):
 
         return Conditioning(kwargs(embeds, pooled), kwargs(negative, negative_pooled) if guidance else None)
 
-    def model_output(self, denoiser, scheduler, latents, t, conditioning, guidance_scale=1.0):
-        model_input = scheduler.scale_model_input(latents, t)
-        if guidance_scale == 1.0 or conditioning.uncond is None:
-            return self.call_denoiser(denoiser, model_input, t, conditioning.cond)
-        u, c = conditioning.uncond, conditioning.cond
-        both = {"encoder_hidden_states": torch.cat([u["encoder_hidden_states"], c["encoder_hidden_states"]]),
-                "added_cond_kwargs": {k: torch.cat([u["added_cond_kwargs"][k], c["added_cond_kwargs"][k]])
-                                      for k in c["added_cond_kwargs"]}}
-        uncond, cond = self.call_denoiser(denoiser, torch.cat([model_input] * 2), t, both).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
 
 class FlowMatchGenerator(Generator):
-    """SD3-style rectified flow: the transformer predicts v = noise - x0, so x0 = x_t - sigma_t * v."""
+    """SD3-style rectified flow: the transformer predicts v = noise - x0, so x0 = x_t - sigma_t * v.
+
+    Timesteps are in the scheduler's units (sigma * 1000), as ``StableDiffusion3Pipeline`` passes them."""
 
     flow_matching = True
-
-    def __init__(self, pipeline, height: int | None = None, width: int | None = None):
-        self.pipeline = pipeline
-        self.denoiser_name = "transformer"
-        self.denoiser = pipeline.transformer
-        self.vae = pipeline.vae
-        factor = getattr(pipeline, "vae_scale_factor", 8)
-        default = self.denoiser.config.sample_size * factor
-        self.height, self.width = height or default, width or default
-        self.latent_size = (self.height // factor, self.width // factor)
+    denoiser_name = "transformer"
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
         embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guidance, negative_prompt=[""] * len(prompts) if guidance else None)
+            do_classifier_free_guidance=guidance)
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if guidance else None
         return Conditioning(cond, uncond)
 
-    def call_denoiser(self, denoiser, latents, t, cond):
-        timestep = torch.as_tensor(t, device=latents.device).expand(latents.shape[0])
-        return denoiser(hidden_states=latents, timestep=timestep, **cond).sample
+    def image_seq_len(self) -> int:
+        patch = self.denoiser.config.patch_size
+        return (self.latent_size[0] // patch) * (self.latent_size[1] // patch)
 
-    def model_output(self, denoiser, scheduler, latents, t, conditioning, guidance_scale=1.0):
-        if guidance_scale == 1.0 or conditioning.uncond is None:
-            return self.call_denoiser(denoiser, latents, t, conditioning.cond)
-        both = {k: torch.cat([conditioning.uncond[k], v]) for k, v in conditioning.cond.items()}
-        uncond, cond = self.call_denoiser(denoiser, torch.cat([latents] * 2), t, both).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+    def set_timesteps(self, scheduler, num_steps, device):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        config = scheduler.config
+        if not config.get("use_dynamic_shifting", None):
+            scheduler.set_timesteps(num_steps, device=device)
+            return
+        mu = calculate_shift(self.image_seq_len(), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device=device, mu=mu)
+
+    def scale_input(self, scheduler, latents, t):
+        return latents
+
+    def call_denoiser(self, denoiser, latents, t, cond, shared=None):
+        timestep = torch.as_tensor(t, device=latents.device).expand(latents.shape[0])
+        return denoiser(hidden_states=latents, timestep=timestep, **cond, **(shared or {})).sample
 
     def predicted_x0(self, scheduler, step_output, model_output, t, latents):
         index = scheduler.index_for_timestep(t) if scheduler.step_index is None else scheduler.step_index - 1
@@ -246,16 +283,18 @@ class FlowMatchGenerator(Generator):
         return latents - sigma * model_output
 
     def noise_prediction_loss(self, denoiser, train_scheduler, pixels01, conditioning, generator, timesteps=None):
+        """Flow matching's loss: x_sigma = (1 - sigma) x0 + sigma noise at uniform sigma, target noise - x0."""
         latents = self.encode_images(pixels01, generator)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        count = train_scheduler.config.num_train_timesteps
         if timesteps is None:
             sigmas = torch.rand((latents.shape[0],), generator=generator, device=generator.device)
         else:
-            sigmas = timesteps.float() / train_scheduler.config.num_train_timesteps
-        sigmas = sigmas.to(latents.device).view(-1, 1, 1, 1)
+            sigmas = timesteps.float() / count
+        sigmas = sigmas.to(latents.device).view(-1, *[1] * (latents.dim() - 1))
         noisy = (1 - sigmas) * latents + sigmas * noise
-        t = sigmas.flatten() * train_scheduler.config.num_train_timesteps
-        prediction = self.call_denoiser(denoiser, noisy, t, conditioning.cond)
+        prediction = self.call_denoiser(denoiser, noisy, sigmas.flatten() * count, conditioning.cond,
+                                        conditioning.shared)
         return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
 
     def training_scheduler(self):
@@ -266,14 +305,84 @@ class FlowMatchGenerator(Generator):
                                               transformer_lora_adapter_metadata=metadata, safe_serialization=True)
 
 
-def wrap_pipeline(pipeline, height: int | None = None, width: int | None = None) -> Generator:
-    """The :class:`Generator` for a loaded diffusers pipeline."""
+class FluxGenerator(FlowMatchGenerator):
+    """FLUX: rectified flow on 2x2-packed latents (``_pack_latents``/``_unpack_latents``), ``img_ids`` and
+    ``txt_ids`` position ids, pooled CLIP projections, T5 sequence embeddings, timesteps passed as
+    ``t / 1000``, sigmas ``linspace(1, 1/N, N)`` shifted by ``mu`` from the packed sequence length, and
+    the guidance embedding (``embedded_guidance``, the pipeline's ``guidance_scale``) when the
+    transformer has one (FLUX.1-dev). Classifier-free guidance, when asked for, is FluxPipeline's
+    ``true_cfg`` with the empty negative prompt."""
+
+    latent_multiple = 2
+
+    def __init__(self, pipeline, height: int | None = None, width: int | None = None,
+                 embedded_guidance: float = 3.5, max_sequence_length: int = 512):
+        super().__init__(pipeline, height, width)
+        self.embedded_guidance = embedded_guidance
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels // 4
+
+    def image_seq_len(self) -> int:
+        return (self.latent_size[0] // 2) * (self.latent_size[1] // 2)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
+        def one(texts):
+            embeds, pooled, text_ids = self.pipeline.encode_prompt(
+                prompt=list(texts), prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, text_ids
+
+        cond, text_ids = one(prompts)
+        uncond = one([""] * len(prompts))[0] if guidance else None
+        image_ids = self.pipeline._prepare_latent_image_ids(len(prompts), self.latent_size[0] // 2,
+                                                            self.latent_size[1] // 2, device, text_ids.dtype)
+        return Conditioning(cond, uncond, {"txt_ids": text_ids, "img_ids": image_ids})
+
+    def set_timesteps(self, scheduler, num_steps, device):
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = calculate_shift(self.image_seq_len(), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+
+    def initial_latents(self, batch, generator, device, scheduler, dtype=torch.float32):
+        return self.from_vae_latents(super().initial_latents(batch, generator, device, scheduler, dtype))
+
+    def to_vae_latents(self, latents):
+        return self.pipeline._unpack_latents(latents, self.height, self.width, self.vae_factor)
+
+    def from_vae_latents(self, latents):
+        return self.pipeline._pack_latents(latents, latents.shape[0], latents.shape[1], *latents.shape[2:])
+
+    def call_denoiser(self, denoiser, latents, t, cond, shared=None):
+        batch = latents.shape[0]
+        timestep = torch.as_tensor(t, device=latents.device).to(latents.dtype).expand(batch)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full([batch], self.embedded_guidance, device=latents.device, dtype=torch.float32)
+        return denoiser(hidden_states=latents, timestep=timestep / 1000, guidance=guidance, **cond,
+                        **(shared or {})).sample
+
+
+def wrap_pipeline(pipeline, height: int | None = None, width: int | None = None,
+                  embedded_guidance: float = 3.5) -> Generator:
+    """The :class:`Generator` for a loaded diffusers pipeline (``embedded_guidance``: FLUX only)."""
     name = type(pipeline).__name__
     if name.startswith("StableDiffusionXL"):
         return SDXLGenerator(pipeline, height, width)
     if name.startswith("StableDiffusion3"):
         return FlowMatchGenerator(pipeline, height, width)
+    if name.startswith("Flux") and hasattr(pipeline, "_pack_latents"):
+        return FluxGenerator(pipeline, height, width, embedded_guidance)
     if hasattr(pipeline, "unet") and hasattr(pipeline, "encode_prompt"):
         return Generator(pipeline, height, width)
     raise UsageError(f"pipeline {name} is not supported for reward fine-tuning",
-                     "use a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline")
+                     "use a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX pipeline")

@@ -40,12 +40,12 @@ def trainable_state(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_layers(denoiser: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """The adapter weights in diffusers' LoRA naming, and the adapter config (rank, alpha, targets)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter weights (peft naming; the generator's ``save_lora`` converts what its pipeline class
+    expects), and the adapter config (rank, alpha, targets)."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    layers = get_peft_model_state_dict(denoiser)
+    layers = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in layers.items()}
     return layers, denoiser.peft_config["default"].to_dict()
 
 

@@ -97,9 +97,9 @@ def tiny_sdxl_pipeline(folder: Path, seed: int = 0):
     vae = _tiny_vae(latent_channels=4)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+    return _as_loaded(StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True)
+                                     force_zeros_for_empty_prompt=True))
 
 
 def tiny_sd3_pipeline(folder: Path, seed: int = 0):
@@ -121,10 +121,10 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0):
                                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
     vae = _tiny_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+    return _as_loaded(StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                                     text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-                                    text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
+                                    text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer))
 
 
 def tiny_flux_pipeline(folder: Path, seed: int = 0):
@@ -146,8 +146,19 @@ def tiny_flux_pipeline(folder: Path, seed: int = 0):
     vae = _tiny_vae(latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=16, max_image_seq_len=256)
-    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer)
+    return _as_loaded(FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer))
+
+
+def _as_loaded(pipeline):
+    """Every model component in eval mode, as ``from_pretrained`` leaves them (T5's dropout off, so prompts
+    encode deterministically; the VAE's train/eval paths differ in the last bits)."""
+    import torch
+
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipeline
 
 
 def _tiny_vae(latent_channels: int, **config):

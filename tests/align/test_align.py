@@ -50,13 +50,14 @@ class RecordingDenoiser(torch.nn.Module):
         return out
 
 
-def _tuner(tmp_path, seed: int = 0, **settings) -> Finetuner:
+def _tuner(tmp_path, seed: int = 0, pretrain_pairs=None, **settings) -> Finetuner:
     values = {"output_dir": str(tmp_path / "run"), "batch_size": 2, "max_steps": 4, "validation_every": 0,
               "validation_count": 2, "validation_guidance_scale": 1.0, "num_steps": 40, "save_every": 0,
               "cpu": True, "lr": 1e-2}
     values.update(settings)
     return Finetuner(FinetuneConfig(**values), pipeline=tiny_pipeline(tmp_path / "pipe", seed),
-                     reward=RewardEnsemble([colour_scorer()]), prompts=PROMPTS, validation_prompts=PROMPTS[:2])
+                     reward=RewardEnsemble([colour_scorer()]), prompts=PROMPTS, validation_prompts=PROMPTS[:2],
+                     pretrain_pairs=pretrain_pairs)
 
 
 # -- the ReFL step -----------------------------------------------------------------------------------
@@ -247,11 +248,24 @@ class Crash(RuntimeError):
     pass
 
 
-def test_kill_and_resume_gives_identical_lora_weights(tmp_path):
+@pytest.mark.parametrize("variant", ["plain", "ema", "pretrain-separate"])
+def test_kill_and_resume_gives_identical_lora_weights(tmp_path, variant):
+    """With ``ema`` the exported LoRA is the EMA weights, and the EMA state itself must match too; with
+    alternating pretraining on its own AdamW, that optimizer's state is resumed as well."""
+    from PIL import Image
     from safetensors.torch import load_file
 
+    from rewardlab.align.data import ImageTextPair
+
+    ema = variant == "ema"
     settings = {"method": "draft", "num_steps": 5, "max_steps": 6, "save_every": 2, "grad_accum": 2,
-                "grad_scale": 1.0}
+                "grad_scale": 1.0, "ema": ema, "ema_decay": 0.5}
+    if variant == "pretrain-separate":
+        for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+        pairs = [ImageTextPair(str(tmp_path / f"{i}.png"), f"a {c} square") for i, c in enumerate(["red", "blue", "green"])]
+        settings.update(pretrain_loss="alternate", pretrain_optimizer="separate", pretrain_lr=1e-3,
+                        pretrain_pairs=pairs)
     _tuner(tmp_path / "a", **settings).train()
     reference = load_file(str(tmp_path / "a" / "run" / "lora" / "final" / "pytorch_lora_weights.safetensors"))
 
@@ -269,9 +283,55 @@ def test_kill_and_resume_gives_identical_lora_weights(tmp_path):
     resumed = load_file(str(tmp_path / "b" / "run" / "lora" / "final" / "pytorch_lora_weights.safetensors"))
     assert reference.keys() == resumed.keys() and reference
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    if ema:
+        states = [torch.load(tmp_path / x / "run" / "state" / "step-00000006" / "ema.pt", weights_only=True)
+                  for x in ("a", "b")]
+        assert states[0]["optimization_step"] == states[1]["optimization_step"] == 6
+        assert all(torch.equal(u, v) for u, v in zip(states[0]["shadow_params"], states[1]["shadow_params"], strict=True))
     log = [json.loads(line) for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
     assert {"event": "resumed", "step": 4} in log
     assert (tmp_path / "b" / "run" / "gallery.html").is_file()
+
+
+def test_ema_is_diffusers_ema_of_the_parameter_trajectory(tmp_path):
+    """EMAModel's default schedule by hand: decay_k = min((1 + s) / (10 + s), ema_decay), s = k - 1 (0 at the
+    first update), shadow = decay * shadow + (1 - decay) * weights after step k. The exported LoRA and the
+    validation images use the EMA weights; training continues on the raw ones."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    from rewardlab.align.lora import lora_layers, trainable_state
+
+    tuner = _tuner(tmp_path, method="draft", num_steps=4, max_steps=6, grad_scale=1.0, lr=5e-2, ema=True,
+                   ema_decay=0.3)
+    names = list(trainable_state(tuner.denoiser))
+    trajectory = [{n: p.detach().clone() for n, p in trainable_state(tuner.denoiser).items()}]
+    tuner.step_callback = lambda step, t: trajectory.append(
+        {n: p.detach().clone() for n, p in trainable_state(t.denoiser).items()})
+    summary = tuner.train()
+    shadow = dict(trajectory[0])
+    decays = []
+    for k, weights in enumerate(trajectory[1:], start=1):
+        s = k - 1
+        decay = 0.0 if s <= 0 else min((1 + s) / (10 + s), 0.3)
+        decays.append(decay)
+        shadow = {n: decay * shadow[n] + (1 - decay) * weights[n] for n in names}
+    ema = dict(zip(names, tuner.ema.shadow_params, strict=True))
+    assert max(float((ema[n] - shadow[n]).abs().max()) for n in names) < 1e-6
+    assert max(float((trajectory[-1][n] - shadow[n]).abs().max()) for n in names) > 1e-4  # EMA != last weights
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["ema_decay"] for r in log if "ema_decay" in r] == pytest.approx(decays, abs=1e-12)
+    assert decays[:3] == pytest.approx([0.0, 2 / 11, 0.25]) and decays[3:] == [0.3] * 3  # capped by ema_decay
+    # raw weights stay in the model; export and validation use the EMA ones
+    assert all(torch.equal(p, trajectory[-1][n]) for n, p in trainable_state(tuner.denoiser).items())
+    saved = load_file(str(tmp_path / "run" / "lora" / "final" / "pytorch_lora_weights.safetensors"))
+    with tuner.ema_weights():
+        expected = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(lora_layers(tuner.denoiser)[0]).items()}
+        pixels = tuner.generate(PROMPTS[:2], tuner.validation_seeds())
+    assert saved.keys() == expected.keys(), (saved.keys() ^ expected.keys())
+    assert all(torch.equal(saved[k], expected[k]) for k in saved), max((saved[k] - expected[k]).abs().max() for k in saved)
+    valid = tuner.score(pixels, PROMPTS[:2])["reward"]
+    assert summary["valid_reward"] == pytest.approx(sum(valid) / 2, rel=1e-6)
 
 
 # -- data, config, CLI -------------------------------------------------------------------------------------
@@ -322,8 +382,14 @@ def test_recipes_load_and_overrides(tmp_path):
     assert (refl.method, refl.num_steps, refl.refl_stop_min, refl.refl_stop_max) == ("refl", 40, 30, 39)
     assert (refl.lr, refl.weight_decay, refl.batch_size, refl.grad_accum, refl.max_steps) == (1e-5, 1e-2, 2, 4, 100)
     assert refl.effective_grad_scale == 1e-3 and refl.parameters == "full" and refl.pretrain_loss == "off"
+    assert refl.ema and refl.ema_decay == 0.9999  # train_refl.sh --use_ema, EMAModel's default decay
     draft = FinetuneConfig.from_yaml(str(root / "draft-lora-sd15.yaml"), ["draft_k=2", "pretrain_loss=weighted"])
     assert draft.draft_k == 2 and draft.pretrain_loss == "weighted" and draft.lora_rank == 32
+    assert draft.pretrain_optimizer == "separate" and not draft.ema
+    with pytest.raises(ConfigError, match="pretrain_optimizer: 'both' is not one of shared, separate"):
+        FinetuneConfig.from_yaml(None, ["prompts=p.txt", "pretrain_optimizer=both"])
+    with pytest.raises(ConfigError, match=r"ema_decay: 1.0 must be in \[0, 1\)"):
+        FinetuneConfig.from_yaml(None, ["prompts=p.txt", "ema_decay=1.0"])
     with pytest.raises(ConfigError, match="ReFL trains without classifier-free guidance"):
         FinetuneConfig.from_yaml(None, ["prompts=p.txt", "train_guidance_scale=5"])
     with pytest.raises(ConfigError, match=r"stop range \[30, 39\] must lie within 0..num_steps-1 = 9"):
