@@ -8,7 +8,7 @@ _EXPORTS = {
     "FinetuneConfig": "finetune", "Finetuner": "finetune",
     "refl_loss": "refl", "refl_x0": "refl", "draw_stop_index": "refl",
     "sample_with_grad_window": "backprop", "draw_grad_steps": "backprop", "negative_reward_loss": "backprop",
-    "wrap_pipeline": "generator", "Generator": "generator",
+    "wrap_pipeline": "rewardlab.diffusion", "Generator": "rewardlab.diffusion",
     "load_prompts": "data", "load_image_text_pairs": "data",
     "add_lora": "lora", "save_lora": "lora",
 }
@@ -20,5 +20,6 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f".{module}", __name__), name)
     raise AttributeError(name)

@@ -21,8 +21,8 @@ import random
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..diffusion.adapters import Conditioning, Generator, scheduler_step
 from ..errors import ConfigError
-from .generator import Conditioning, Generator, scheduler_step
 
 TRUNCATIONS = ("fixed", "uniform", "gaussian")
 

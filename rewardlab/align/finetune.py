@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
+from ..diffusion.adapters import FluxGenerator, fresh_scheduler, wrap_pipeline
 from ..errors import ConfigError, NonFiniteError
 from ..io.atomic import current_version, new_version_dir, publish_version, write_json
 from ..scoring.ensemble import DIFFERENTIABLE, NORMALIZATIONS, RewardEnsemble, parse_reward
 from .backprop import TRUNCATIONS, draw_grad_steps, negative_reward_loss, sample_with_grad_window
 from .data import ImageTextPair, batch_indices, load_image_text_pairs, load_prompts, pixels_for_generator
 from .gallery import save_images, write_gallery
-from .generator import FluxGenerator, fresh_scheduler, wrap_pipeline
 from .lora import DEFAULT_TARGETS, add_lora, save_full, save_lora, trainable_state
 from .refl import REFL_GRAD_SCALE, draw_stop_index, refl_loss
 
@@ -245,11 +245,11 @@ class Finetuner:
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
         device = self.accelerator.device
         if pipeline is None:
-            from diffusers import DiffusionPipeline
+            from ..diffusion.loading import load_pipeline
 
             if not config.pretrained_model:
                 raise ConfigError("setting pretrained_model: no generator", "give a diffusers folder or hub id")
-            pipeline = DiffusionPipeline.from_pretrained(config.pretrained_model, revision=config.revision)
+            pipeline = load_pipeline(config.pretrained_model, "cpu", "fp32", revision=config.revision)
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.generator = wrap_pipeline(pipeline, config.height, config.width, config.embedded_guidance)

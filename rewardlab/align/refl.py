@@ -16,9 +16,9 @@ import random
 
 import torch
 
+from ..diffusion.adapters import Conditioning, Generator
 from ..errors import ConfigError
 from .backprop import sample_with_grad_window
-from .generator import Conditioning, Generator
 
 REFL_STEPS = 40
 REFL_STOP_RANGE = (30, 39)

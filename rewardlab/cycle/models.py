@@ -35,14 +35,11 @@ class DiffusersGenerator:
     def __init__(self, pipeline: Any, name: str | None = None, steps: int = 28, guidance: float = 7.0,
                  height: int | None = None, width: int | None = None, device: str | None = None,
                  dtype: str | None = None):
-        import torch
-
         if isinstance(pipeline, str):
-            from diffusers import DiffusionPipeline
+            from ..diffusion.loading import load_pipeline
 
-            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "")
             name = name or pipeline
-            pipeline = DiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch_dtype)
+            pipeline = load_pipeline(pipeline, device or "cpu", dtype or "fp32")
         self.pipeline = pipeline.to(device) if device else pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.name = name or type(pipeline).__name__

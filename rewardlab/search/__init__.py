@@ -1,7 +1,8 @@
 """Inference-time search with reward verifiers (best-of-N, random, zero-order, paths) and reward-labelled
 preference pairs. See ``rewardlab.search.runner`` for the methods and the files a run writes."""
 
-from .generator import DiffusersGenerator, load_pipeline
+from ..diffusion.loading import load_pipeline
+from .generator import DiffusersGenerator
 from .noise import cosine, neighbours, seed_noise, seed_noises
 from .runner import (
     METHODS,

@@ -96,7 +96,8 @@ def search_command(pipeline_name, prompt_texts, prompts_file, output, method, nu
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
     items = read_prompts(prompts_file) if prompts_file else [PromptItem(t, prompt_id(t)) for t in prompt_texts]
     terms = _check_rewards(rewards, normalize, calibration)
-    from .generator import DiffusersGenerator, load_pipeline
+    from ..diffusion.loading import load_pipeline
+    from .generator import DiffusersGenerator
 
     ensemble = _load_ensemble(terms, normalize, calibration, device, dtype)
     pipe = load_pipeline(pipeline_name, device, pipeline_dtype, None if scheduler == "default" else scheduler)

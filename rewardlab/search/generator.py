@@ -3,8 +3,9 @@ denoiser calls counted.
 
 Any pipeline whose ``__call__`` takes ``prompt``, ``latents``, ``num_inference_steps`` and ``output_type``
 works for best-of-N, random and zero-order search (tested: Stable Diffusion 1.x, SDXL, SD3, FLUX). Search
-over paths needs the step-by-step loop and closed-form re-noising: it runs on UNet pipelines without added
-conditioning (SD 1.x/2.x) with a DDIM scheduler, and on FLUX with its flow-matching Euler scheduler.
+over paths steps the pipeline through :mod:`rewardlab.diffusion` (the same adapters reward fine-tuning
+uses) and needs closed-form re-noising: UNet pipelines (SD 1.x/2.x, SDXL) with a DDIM scheduler, and
+flow-matching pipelines (SD3, FLUX) with their Euler scheduler.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class DiffusersGenerator:
         self.width = int(width or default)
         self._set_eval()
         self.nfe = 0
+        self._adapter = None
         self._hook = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
@@ -138,123 +140,82 @@ class DiffusersGenerator:
     # Path states hold latents in the unpacked (B, *latent_shape) layout for every pipeline.
 
     @property
-    def _is_flux(self) -> bool:
-        from diffusers import FluxPipeline
+    def adapter(self):
+        """The pipeline behind :mod:`rewardlab.diffusion`'s interface (conditioning, schedule, denoiser call,
+        predicted x0, decoding), shared with reward fine-tuning."""
+        if self._adapter is None:
+            from ..diffusion import wrap_pipeline
 
-        return isinstance(self.pipe, FluxPipeline)
+            self._adapter = wrap_pipeline(self.pipe, self.height, self.width, embedded_guidance=self._guidance()[0])
+            if hasattr(self._adapter, "max_sequence_length"):
+                self._adapter.max_sequence_length = self.call_kwargs.get("max_sequence_length", 512)
+        return self._adapter
 
     def check_paths(self) -> None:
-        """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised: SD 1.x/2.x with a
-        DDIM scheduler, or FLUX with its flow-matching Euler scheduler (without true CFG)."""
+        """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised in closed form: UNet
+        pipelines (SD 1.x/2.x, SDXL) with a DDIM scheduler, flow-matching pipelines (SD3, FLUX) with their
+        Euler scheduler and without true CFG."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
         name, scheduler = type(self.pipe).__name__, type(self.pipe.scheduler).__name__
-        if self._is_flux:
+        try:
+            adapter = self.adapter
+        except UsageError as exc:
+            raise UsageError(f"search over paths (method 'paths') cannot step {name}: {exc.message}",
+                             "use best-of-n, random or zero-order search with this pipeline") from None
+        if adapter.flow_matching:
             if not isinstance(self.pipe.scheduler, FlowMatchEulerDiscreteScheduler):
                 raise UsageError(f"search over paths on {name} needs FlowMatchEulerDiscreteScheduler, not {scheduler}")
             if float(self.call_kwargs.get("true_cfg_scale", 1.0)) > 1.0:
                 raise UsageError(f"search over paths on {name} does not support true_cfg_scale > 1",
                                  "drop true_cfg_scale (FLUX's guidance is distilled into the model)")
-            return
-        unet = getattr(self.pipe, "unet", None)
-        if unet is None or getattr(unet.config, "addition_embed_type", None) is not None \
-                or not hasattr(self.pipe, "encode_prompt"):
-            raise UsageError(f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x and FLUX "
-                             f"pipelines only, not on {name}",
-                             "use best-of-n, random or zero-order search with this pipeline")
-        if not isinstance(self.pipe.scheduler, DDIMScheduler):
-            raise UsageError(f"search over paths needs a DDIM scheduler, not {scheduler}",
-                             "set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+        elif not isinstance(self.pipe.scheduler, DDIMScheduler):
+            raise UsageError(f"search over paths on {name} needs a DDIM scheduler, not {scheduler}",
+                             "pass --scheduler ddim (Python: load_pipeline(..., scheduler='ddim'))")
 
     def _default_guidance(self) -> float:
         """The ``guidance_scale`` default of the pipeline's ``__call__`` (7.5 for SD, 3.5 for FLUX)."""
         return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
 
     def _guidance(self) -> tuple[float, bool]:
-        scale = self._default_guidance() if self.guidance_scale is None else float(self.guidance_scale)
-        return scale, scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
+        """(scale, classifier-free guidance on?) as the pipeline's ``__call__`` decides: FLUX's scale is the
+        distilled guidance input (no CFG); guidance-embedded UNets (LCM) do not run CFG either."""
+        from diffusers import FluxPipeline
 
-    @torch.inference_mode()
-    def _embeddings(self, prompt: str, count: int) -> torch.Tensor:
-        _, cfg = self._guidance()
-        positive, negative = self.pipe.encode_prompt(prompt, self.pipe.device, count, cfg,
-                                                     negative_prompt=self.negative_prompt)
-        return torch.cat([negative, positive]) if cfg else positive
+        scale = self._default_guidance() if self.guidance_scale is None else float(self.guidance_scale)
+        distilled = isinstance(self.pipe, FluxPipeline) or \
+            getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None
+        return scale, scale > 1.0 and not distilled
 
     def timesteps(self) -> torch.Tensor:
         """The sampling timesteps, set on the pipeline's scheduler as its ``__call__`` sets them."""
-        scheduler, steps = self.pipe.scheduler, self.num_inference_steps
-        if not self._is_flux:
-            scheduler.set_timesteps(steps, device=self.pipe.device)
-            return scheduler.timesteps
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = scheduler.config
-        tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1.0 / steps, steps)
-        if sigmas is None:
-            scheduler.set_timesteps(steps, device=self.pipe.device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=self.pipe.device, mu=mu)
-        return scheduler.timesteps
+        self.adapter.set_timesteps(self.pipe.scheduler, self.num_inference_steps, self.pipe.device)
+        return self.pipe.scheduler.timesteps
 
     def flow_sigmas(self) -> torch.Tensor:
-        """FLUX: the noise level of each step boundary (``num_inference_steps + 1`` values, last 0)."""
+        """Flow matching: the noise level of each step boundary (``num_inference_steps + 1`` values, last 0)."""
         self.timesteps()
         return self.pipe.scheduler.sigmas.detach().double().cpu()
 
     @torch.inference_mode()
     def run_steps(self, prompt: str, state: PathState, end: int) -> tuple[PathState, torch.Tensor]:
-        """Run steps ``state.step .. end-1``; returns the new state and the predicted clean latents."""
-        if self._is_flux:
-            return self._run_flux_steps(prompt, state, end)
+        """Run steps ``state.step .. end-1`` of the pipeline's own loop; returns the new state and the
+        predicted clean latents (both unpacked)."""
+        adapter, scheduler, device = self.adapter, self.pipe.scheduler, self.pipe.device
         scale, cfg = self._guidance()
         timesteps = self.timesteps()
-        scheduler = self.pipe.scheduler
-        latents = state.latents.to(self.pipe.device, self.denoiser.dtype)
-        embeddings = self._embeddings(prompt, len(latents))
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(state.step)
+        conditioning = adapter.encode([prompt] * len(state.latents), device, guidance=cfg,
+                                      negative_prompt=self.negative_prompt)
+        latents = adapter.from_vae_latents(state.latents.to(device, self.denoiser.dtype))
         predicted = latents
         for t in timesteps[state.step:end]:
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + scale * (cond - uncond)
-            out = scheduler.step(noise, t, latents)
-            latents, predicted = out.prev_sample, out.pred_original_sample
-        return PathState(latents, end), predicted
-
-    def _run_flux_steps(self, prompt: str, state: PathState, end: int) -> tuple[PathState, torch.Tensor]:
-        """FluxPipeline's denoising loop from step ``state.step``: velocity ``v`` from the transformer, the
-        scheduler's Euler step, and the predicted clean latents ``x_t - sigma_t v``."""
-        pipe, scheduler = self.pipe, self.pipe.scheduler
-        timesteps = self.timesteps()
-        scheduler.set_begin_index(state.step)
-        count, channels, height, width = state.latents.shape
-        embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=[prompt] * count, prompt_2=None, device=pipe.device, num_images_per_prompt=1,
-            max_sequence_length=self.call_kwargs.get("max_sequence_length", 512))
-        latents = pipe._pack_latents(state.latents.to(pipe.device, embeds.dtype), count, channels, height, width)
-        image_ids = pipe._prepare_latent_image_ids(count, height // 2, width // 2, pipe.device, embeds.dtype)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:
-            scale = self._default_guidance() if self.guidance_scale is None else float(self.guidance_scale)
-            guidance = torch.full([count], scale, device=pipe.device, dtype=torch.float32)
-        predicted = latents
-        for index in range(state.step, end):
-            t = timesteps[index]
-            velocity = self.denoiser(hidden_states=latents, timestep=t.expand(count).to(latents.dtype) / 1000,
-                                     guidance=guidance, pooled_projections=pooled, encoder_hidden_states=embeds,
-                                     txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs=None,
-                                     return_dict=False)[0]
-            predicted = latents - scheduler.sigmas[index].to(latents.device, latents.dtype) * velocity
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        unpack = pipe._unpack_latents
-        return (PathState(unpack(latents, self.height, self.width, pipe.vae_scale_factor), end),
-                unpack(predicted, self.height, self.width, pipe.vae_scale_factor))
+            output = adapter.model_output(self.denoiser, scheduler, latents, t, conditioning, scale if cfg else 1.0)
+            out = scheduler.step(output, t, latents)
+            predicted = adapter.predicted_x0(scheduler, out, output, t, latents)
+            latents = out.prev_sample
+        return PathState(adapter.to_vae_latents(latents), end), adapter.to_vae_latents(predicted)
 
     def start_paths(self, noises: torch.Tensor) -> PathState:
         sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
@@ -270,7 +231,7 @@ class DiffusersGenerator:
         if back == 0:
             return state
         latents, noises = state.latents.double().cpu(), noises.double().cpu()
-        if self._is_flux:
+        if self.adapter.flow_matching:
             sigmas = self.flow_sigmas()
             s, t = float(sigmas[state.step - back]), float(sigmas[state.step])
             ratio = (1.0 - s) / (1.0 - t)
@@ -285,15 +246,9 @@ class DiffusersGenerator:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """Clean latents (unpacked) to uint8 images with the pipeline's VAE and post-processing."""
-        vae = self.pipe.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None) is not None:
-            latents = latents + vae.config.shift_factor
-        pixels = vae.decode(latents, return_dict=False)[0]
-        images = self.pipe.image_processor.postprocess(pixels, output_type="np",
-                                                        do_denormalize=[True] * len(pixels))
-        return [to_uint8(image) for image in images]
+        """Clean latents (unpacked) to uint8 images with the pipeline's VAE."""
+        pixels = self.adapter.decode(self.adapter.from_vae_latents(latents.to(self.pipe.device)))
+        return [to_uint8(image) for image in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
     def close(self) -> None:
         self._hook.remove()
@@ -302,23 +257,6 @@ class DiffusersGenerator:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A pipeline's float image in [0, 1] as uint8 (round half up, as PIL's ``numpy_to_pil`` does)."""
     return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-
-def load_pipeline(name_or_path: str, device: str | None = None, dtype: str | None = None,
-                  scheduler: str | None = None):
-    """``DiffusionPipeline.from_pretrained`` with an optional scheduler swap (``ddim``)."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    from ..scoring.scorer import DTYPES, resolve_device
-
-    target = resolve_device(device)
-    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if target.type == "cuda" else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype)
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler not in (None, "default"):
-        raise UsageError(f"unknown scheduler {scheduler!r}", "use 'default' or 'ddim'")
-    return pipe.to(target)
 
 
 def batched(items: Sequence, size: int):

@@ -15,9 +15,9 @@ from rewardlab.align import finetune as finetune_module
 from rewardlab.align.backprop import draw_grad_steps, sample_with_grad_window
 from rewardlab.align.data import batch_indices, load_image_text_pairs, load_prompts
 from rewardlab.align.finetune import FinetuneConfig, Finetuner
-from rewardlab.align.generator import fresh_scheduler, wrap_pipeline
 from rewardlab.align.refl import draw_stop_index, refl_loss, refl_x0
 from rewardlab.cli import cli
+from rewardlab.diffusion import fresh_scheduler, wrap_pipeline
 from rewardlab.errors import ConfigError, DataError
 from rewardlab.scoring.ensemble import RewardEnsemble
 from rewardlab.testing.diffusion import tiny_pipeline

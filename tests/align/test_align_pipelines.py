@@ -12,9 +12,9 @@ import torch
 from rewardlab.align.backprop import sample_with_grad_window
 from rewardlab.align.data import ImageTextPair, pixels_for_generator
 from rewardlab.align.finetune import FinetuneConfig, Finetuner
-from rewardlab.align.generator import fresh_scheduler, wrap_pipeline
 from rewardlab.align.lora import trainable_state
 from rewardlab.align.refl import refl_x0
+from rewardlab.diffusion import fresh_scheduler, wrap_pipeline
 from rewardlab.scoring.ensemble import RewardEnsemble
 from rewardlab.testing.diffusion import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from rewardlab.testing.rewards import colour_scorer

@@ -2,8 +2,8 @@
 given is the noise the denoiser starts from (FLUX's 2x2 packing checked element by element), best-of-N is
 exact and reproducible, NFEs are counted per sample (CFG 2, guidance-distilled 1), zero-order neighbours
 keep their exact geometry in the unpacked latent shape, the CLI runs on a saved FLUX folder and resumes,
-and search over paths runs on FLUX (the pipeline's own loop, flow-matching re-noising by hand) and is refused
-with one clear line on SDXL and SD3."""
+and search over paths runs on FLUX, SD3 and SDXL with DDIM (the pipeline's own loop, flow-matching
+re-noising by hand) and is refused with one clear line where re-noising is not closed form."""
 
 from __future__ import annotations
 
@@ -217,21 +217,46 @@ def test_zero_order_on_flux_keeps_norm_and_cosine_in_the_unpacked_shape(tmp_path
     generator.close()
 
 
-@pytest.mark.parametrize("kind", ("sdxl", "sd3"))
-def test_search_over_paths_is_refused_in_one_line(tmp_path, pipes, colour, kind):
-    generator = _generator(pipes(kind))
+def test_search_over_paths_refuses_schedulers_without_closed_form_renoising(tmp_path, pipes, colour):
+    generator = _generator(pipes("sdxl"))  # SDXL's Euler scheduler: re-noising is only written for DDIM
     with pytest.raises(UsageError) as caught:
         run_search(generator, RewardEnsemble([colour]), [PromptItem("a cat", "p0")], tmp_path / "run",
                    SearchConfig(method="paths"), gallery=False)
-    assert str(caught.value) == (
-        f"search over paths (method 'paths') runs on Stable Diffusion 1.x/2.x and FLUX pipelines only, not on "
-        f"{type(pipes(kind)).__name__} — use best-of-n, random or zero-order search with this pipeline")
+    assert str(caught.value) == ("search over paths on StableDiffusionXLPipeline needs a DDIM scheduler, not "
+                                 "EulerDiscreteScheduler — pass --scheduler ddim (Python: load_pipeline(..., "
+                                 "scheduler='ddim'))")
     assert not (tmp_path / "run").exists()  # refused before any file is written
     generator.close()
     true_cfg = _generator(pipes("flux"), negative_prompt="blurry", call_kwargs={"true_cfg_scale": 2.0})
     with pytest.raises(UsageError, match="^search over paths on FluxPipeline does not support true_cfg_scale > 1"):
         true_cfg.check_paths()
     true_cfg.close()
+
+
+@pytest.mark.parametrize("kind", ("sdxl", "sd3"))
+def test_stepped_paths_reproduce_the_pipeline_on_sdxl_and_sd3(pipes, kind):
+    """The step-by-step loop (two pieces, with classifier-free guidance and a negative prompt) gives the
+    pipeline call's pixels; SDXL runs with DDIM, whose re-noising is closed form."""
+    pipe = pipes(kind)
+    if kind == "sdxl":
+        from diffusers import DDIMScheduler
+
+        original = pipe.scheduler
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        generator = DiffusersGenerator(pipe, num_inference_steps=3, height=16, width=16, negative_prompt="blurry")
+        generator.check_paths()
+        noises = seed_noises([5, 6], generator.latent_shape)
+        direct = generator.generate("a cat", noises)
+        half, _ = generator.run_steps("a cat", generator.start_paths(noises), 2)
+        final, _ = generator.run_steps("a cat", half, 3)
+        assert generator.nfe == 2 * (2 * 3) * 2  # CFG: 2 inputs per image per step, pipeline + stepped
+        stepped = generator.decode(final.latents)
+        assert all(np.array_equal(a, b) for a, b in zip(direct, stepped, strict=True))
+        generator.close()
+    finally:
+        if kind == "sdxl":
+            pipe.scheduler = original
 
 
 def _shifted(sigma: float, mu: float) -> float:

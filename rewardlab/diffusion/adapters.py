@@ -1,8 +1,9 @@
-"""One interface over diffusers text-to-image pipelines for reward fine-tuning.
+"""One interface over diffusers text-to-image pipelines, for reward fine-tuning and search over paths.
 
-A :class:`Generator` wraps a loaded pipeline and exposes what ReFL, DRaFT and AlignProp need: prompt
-conditioning, one denoiser call, the scheduler's predicted x0, VAE decoding to [0, 1] pixels, the
-noise-prediction (pretraining) loss, and the LoRA save call of the pipeline's class.
+A :class:`Generator` wraps a loaded pipeline and exposes what ReFL, DRaFT, AlignProp and step-by-step
+search need: prompt conditioning, the pipeline's own schedule, one denoiser call, the scheduler's
+predicted x0, VAE decoding to [0, 1] pixels, the noise-prediction (pretraining) loss, and the LoRA save
+call of the pipeline's class.
 
 Support:
 
@@ -65,6 +66,10 @@ def _cat_batches(uncond: Any, cond: Any) -> Any:
     return torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else cond
 
 
+def _negatives(negative_prompt: str | None, prompts: list[str]) -> list[str] | None:
+    return None if negative_prompt is None else [negative_prompt] * len(prompts)
+
+
 def scheduler_step(scheduler, model_output: torch.Tensor, t, latents: torch.Tensor,
                    generator: torch.Generator | None = None):
     """``scheduler.step`` with a generator where the scheduler takes one (stochastic samplers)."""
@@ -97,8 +102,12 @@ class Generator:
 
     # -- conditioning ------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
-        positive, negative = self.pipeline.encode_prompt(list(prompts), device, 1, guidance)
+    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False,
+               negative_prompt: str | None = None) -> Conditioning:
+        """Prompt embeddings; with ``guidance``, also those of ``negative_prompt`` (default: the pipeline's
+        own choice for no negative prompt: the empty prompt, or zeros where SDXL forces them)."""
+        positive, negative = self.pipeline.encode_prompt(list(prompts), device, 1, guidance,
+                                                          negative_prompt=_negatives(negative_prompt, prompts))
         return Conditioning({"encoder_hidden_states": positive},
                             {"encoder_hidden_states": negative} if guidance else None)
 
@@ -221,10 +230,12 @@ class SDXLGenerator(Generator):
     """SDXL: two text encoders, pooled embeddings and size/crop time ids as added conditioning."""
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
+    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False,
+               negative_prompt: str | None = None) -> Conditioning:
         pipe = self.pipeline
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance)
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+            negative_prompt=_negatives(negative_prompt, prompts))
         size = (self.height, self.width)
         projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
@@ -246,10 +257,11 @@ class FlowMatchGenerator(Generator):
     denoiser_name = "transformer"
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
+    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False,
+               negative_prompt: str | None = None) -> Conditioning:
         embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guidance)
+            do_classifier_free_guidance=guidance, negative_prompt=_negatives(negative_prompt, prompts))
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if guidance else None
         return Conditioning(cond, uncond)
@@ -329,7 +341,8 @@ class FluxGenerator(FlowMatchGenerator):
         return (self.latent_size[0] // 2) * (self.latent_size[1] // 2)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False) -> Conditioning:
+    def encode(self, prompts: list[str], device: torch.device, guidance: bool = False,
+               negative_prompt: str | None = None) -> Conditioning:
         def one(texts):
             embeds, pooled, text_ids = self.pipeline.encode_prompt(
                 prompt=list(texts), prompt_2=None, device=device, num_images_per_prompt=1,
@@ -337,7 +350,7 @@ class FluxGenerator(FlowMatchGenerator):
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, text_ids
 
         cond, text_ids = one(prompts)
-        uncond = one([""] * len(prompts))[0] if guidance else None
+        uncond = one(_negatives(negative_prompt, prompts) or [""] * len(prompts))[0] if guidance else None
         image_ids = self.pipeline._prepare_latent_image_ids(len(prompts), self.latent_size[0] // 2,
                                                             self.latent_size[1] // 2, device, text_ids.dtype)
         return Conditioning(cond, uncond, {"txt_ids": text_ids, "img_ids": image_ids})
