@@ -75,7 +75,7 @@ def _load_ensemble(terms, normalize, calibration, device, dtype):
 @click.option("--width", type=int, default=None)
 @click.option("--negative-prompt", default=None)
 @click.option("--scheduler", type=click.Choice(["default", "ddim"]), default="default", show_default=True,
-              help="ddim swaps in a DDIM scheduler (needed by --method paths on SD 1.x/2.x).")
+              help="ddim swaps in a DDIM scheduler (--method paths needs DDIM or Euler on UNet pipelines).")
 @click.option("--pipeline-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Pipeline precision (default: fp16 on CUDA, fp32 on CPU).")
 @_reward_options

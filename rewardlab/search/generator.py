@@ -4,8 +4,8 @@ denoiser calls counted.
 Any pipeline whose ``__call__`` takes ``prompt``, ``latents``, ``num_inference_steps`` and ``output_type``
 works for best-of-N, random and zero-order search (tested: Stable Diffusion 1.x, SDXL, SD3, FLUX). Search
 over paths steps the pipeline through :mod:`rewardlab.diffusion` (the same adapters reward fine-tuning
-uses) and needs closed-form re-noising: UNet pipelines (SD 1.x/2.x, SDXL) with a DDIM scheduler, and
-flow-matching pipelines (SD3, FLUX) with their Euler scheduler.
+uses) and needs closed-form re-noising: UNet pipelines (SD 1.x/2.x, SDXL) with a DDIM or Euler scheduler,
+and flow-matching pipelines (SD3, FLUX) with their Euler scheduler.
 """
 
 from __future__ import annotations
@@ -153,9 +153,9 @@ class DiffusersGenerator:
 
     def check_paths(self) -> None:
         """Raise :class:`UsageError` unless this pipeline can be stepped and re-noised in closed form: UNet
-        pipelines (SD 1.x/2.x, SDXL) with a DDIM scheduler, flow-matching pipelines (SD3, FLUX) with their
-        Euler scheduler and without true CFG."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+        pipelines (SD 1.x/2.x, SDXL) with a DDIM or Euler scheduler, flow-matching pipelines (SD3, FLUX) with
+        their Euler scheduler and without true CFG."""
+        from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
         name, scheduler = type(self.pipe).__name__, type(self.pipe.scheduler).__name__
         try:
@@ -169,8 +169,9 @@ class DiffusersGenerator:
             if float(self.call_kwargs.get("true_cfg_scale", 1.0)) > 1.0:
                 raise UsageError(f"search over paths on {name} does not support true_cfg_scale > 1",
                                  "drop true_cfg_scale (FLUX's guidance is distilled into the model)")
-        elif not isinstance(self.pipe.scheduler, DDIMScheduler):
-            raise UsageError(f"search over paths on {name} needs a DDIM scheduler, not {scheduler}",
+            return
+        if not (self._is_ddim or isinstance(self.pipe.scheduler, EulerDiscreteScheduler)):
+            raise UsageError(f"search over paths on {name} needs a DDIM or Euler scheduler, not {scheduler}",
                              "pass --scheduler ddim (Python: load_pipeline(..., scheduler='ddim'))")
 
     def _default_guidance(self) -> float:
@@ -192,8 +193,15 @@ class DiffusersGenerator:
         self.adapter.set_timesteps(self.pipe.scheduler, self.num_inference_steps, self.pipe.device)
         return self.pipe.scheduler.timesteps
 
-    def flow_sigmas(self) -> torch.Tensor:
-        """Flow matching: the noise level of each step boundary (``num_inference_steps + 1`` values, last 0)."""
+    @property
+    def _is_ddim(self) -> bool:
+        from diffusers import DDIMScheduler
+
+        return isinstance(self.pipe.scheduler, DDIMScheduler)
+
+    def sigmas(self) -> torch.Tensor:
+        """Flow matching and Euler: the noise level of each step boundary (``num_inference_steps + 1``
+        values, the last 0)."""
         self.timesteps()
         return self.pipe.scheduler.sigmas.detach().double().cpu()
 
@@ -218,6 +226,9 @@ class DiffusersGenerator:
         return PathState(adapter.to_vae_latents(latents), end), adapter.to_vae_latents(predicted)
 
     def start_paths(self, noises: torch.Tensor) -> PathState:
+        """Initial path latents: the noises times the scheduler's initial sigma for this schedule (Euler's
+        depends on the number of steps, so the schedule is set first)."""
+        self.timesteps()
         sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
         return PathState(noises.to(self.pipe.device, self.denoiser.dtype) * sigma, 0)
 
@@ -225,16 +236,17 @@ class DiffusersGenerator:
         """Move latents at ``state.step`` back ``back`` steps with the forward process q(x_s | x_t).
 
         DDIM: ``x_s = sqrt(a_s / a_t) x_t + sqrt(1 - a_s / a_t) eps`` (``a`` = cumulative alpha).
+        Euler (variance exploding, ``x_t = x_0 + sigma_t eps``): ``x_s = x_t + sqrt(sigma_s^2 - sigma_t^2) eps``.
         Flow matching (``x_t = (1 - t) x_0 + t eps``): ``x_s = r x_t + sqrt(s^2 - r^2 t^2) eps`` with
         ``r = (1 - s) / (1 - t)``; at the final step (t = 0) this is ``(1 - s) x_0 + s eps``."""
         back = min(back, state.step)
         if back == 0:
             return state
         latents, noises = state.latents.double().cpu(), noises.double().cpu()
-        if self.adapter.flow_matching:
-            sigmas = self.flow_sigmas()
+        if self.adapter.flow_matching or not self._is_ddim:
+            sigmas = self.sigmas()
             s, t = float(sigmas[state.step - back]), float(sigmas[state.step])
-            ratio = (1.0 - s) / (1.0 - t)
+            ratio = (1.0 - s) / (1.0 - t) if self.adapter.flow_matching else 1.0
             moved = ratio * latents + max(s * s - ratio * ratio * t * t, 0.0) ** 0.5 * noises
             return PathState(moved.to(self.pipe.device, self.denoiser.dtype), state.step - back)
         timesteps = self.timesteps()

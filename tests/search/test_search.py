@@ -245,18 +245,18 @@ def test_search_over_paths_with_ddim(tmp_path, tiny_pipe, tiny_scorer):
     assert [c.final for c in cands] == [False, False, True, True, True, True]
     assert {c.parent for c in cands[2:]} <= {0, 1} and summary.results[0].best in (2, 3, 4, 5)
     assert summary.results[0].best_score == max(c.score for c in cands[2:])
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import PNDMScheduler
 
-    euler = DiffusersGenerator(tiny_pipe, num_inference_steps=2)
+    pndm = DiffusersGenerator(tiny_pipe, num_inference_steps=2)
     original = tiny_pipe.scheduler
-    tiny_pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    tiny_pipe.scheduler = PNDMScheduler.from_config(original.config)  # multistep: no closed-form re-noising
     try:
-        with pytest.raises(UsageError, match="DDIM"):
-            euler.check_paths()
+        with pytest.raises(UsageError, match="needs a DDIM or Euler scheduler, not PNDMScheduler"):
+            pndm.check_paths()
     finally:
         tiny_pipe.scheduler = original
     generator.close()
-    euler.close()
+    pndm.close()
 
 
 def expected_best_of_n(scores: list[float], n: int) -> float:

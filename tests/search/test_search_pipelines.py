@@ -218,19 +218,58 @@ def test_zero_order_on_flux_keeps_norm_and_cosine_in_the_unpacked_shape(tmp_path
 
 
 def test_search_over_paths_refuses_schedulers_without_closed_form_renoising(tmp_path, pipes, colour):
-    generator = _generator(pipes("sdxl"))  # SDXL's Euler scheduler: re-noising is only written for DDIM
-    with pytest.raises(UsageError) as caught:
-        run_search(generator, RewardEnsemble([colour]), [PromptItem("a cat", "p0")], tmp_path / "run",
-                   SearchConfig(method="paths"), gallery=False)
-    assert str(caught.value) == ("search over paths on StableDiffusionXLPipeline needs a DDIM scheduler, not "
-                                 "EulerDiscreteScheduler — pass --scheduler ddim (Python: load_pipeline(..., "
-                                 "scheduler='ddim'))")
-    assert not (tmp_path / "run").exists()  # refused before any file is written
-    generator.close()
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = pipes("sdxl")
+    original = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)  # multistep: no closed form here
+    try:
+        generator = _generator(pipe)
+        with pytest.raises(UsageError) as caught:
+            run_search(generator, RewardEnsemble([colour]), [PromptItem("a cat", "p0")], tmp_path / "run",
+                       SearchConfig(method="paths"), gallery=False)
+        assert str(caught.value) == ("search over paths on StableDiffusionXLPipeline needs a DDIM or Euler "
+                                     "scheduler, not DPMSolverMultistepScheduler — pass --scheduler ddim "
+                                     "(Python: load_pipeline(..., scheduler='ddim'))")
+        assert not (tmp_path / "run").exists()  # refused before any file is written
+        generator.close()
+    finally:
+        pipe.scheduler = original
     true_cfg = _generator(pipes("flux"), negative_prompt="blurry", call_kwargs={"true_cfg_scale": 2.0})
     with pytest.raises(UsageError, match="^search over paths on FluxPipeline does not support true_cfg_scale > 1"):
         true_cfg.check_paths()
     true_cfg.close()
+
+
+def test_sdxl_euler_paths_renoise_by_hand_and_run(tmp_path, pipes, colour):
+    """SDXL's own Euler scheduler (variance exploding: x_t = x_0 + sigma_t eps): the stepped loop gives the
+    pipeline's pixels, re-noising is x_s = x_t + sqrt(sigma_s^2 - sigma_t^2) eps, and a paths run completes."""
+    generator = DiffusersGenerator(pipes("sdxl"), num_inference_steps=3, height=16, width=16)
+    generator.check_paths()
+    noises = seed_noises([5, 6], generator.latent_shape)
+    direct = generator.generate("a cat", noises)
+    half, _ = generator.run_steps("a cat", generator.start_paths(noises), 2)
+    final, _ = generator.run_steps("a cat", half, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(direct, generator.decode(final.latents), strict=True))
+    sigmas = generator.sigmas()
+    assert len(sigmas) == 4 and float(sigmas[-1]) == 0.0 and bool((sigmas[:-1] > sigmas[1:]).all())
+    eps = seed_noises([9, 10], generator.latent_shape)
+    s, t = float(sigmas[1]), float(sigmas[2])
+    back = generator.renoise(half, 1, eps)
+    by_hand = half.latents.double() + math.sqrt(s * s - t * t) * eps.double()
+    assert back.step == 1 and torch.allclose(back.latents.double(), by_hand, atol=1e-5)
+    back = generator.renoise(final, 2, eps)  # from the clean end (sigma 0): x_0 + sigma_s eps
+    assert torch.allclose(back.latents.double(), final.latents.double() + s * eps.double(), atol=1e-5)
+    generator.close()
+    generator = DiffusersGenerator(pipes("sdxl"), num_inference_steps=4, height=16, width=16)
+    start = generator.start_paths(noises)  # the scheduler was last set for 3 steps; Euler's start sigma differs
+    assert torch.allclose(start.latents, noises * math.sqrt(float(generator.sigmas()[0]) ** 2 + 1))
+    run_search(generator, RewardEnsemble([colour]), [PromptItem("a red circle", "p0")], tmp_path / "run",
+               SearchConfig(method="paths", num_candidates=2, rounds=1, branches=2, renoise_steps=1), gallery=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    # CFG (2 per image per step): 2 paths x 2 steps (8), then 4 branches re-noised to step 1, run to 4 (24)
+    assert [r["nfe"] for r in rows] == [8, 32]
+    generator.close()
 
 
 @pytest.mark.parametrize("kind", ("sdxl", "sd3"))
@@ -269,7 +308,7 @@ def test_flux_steps_reproduce_the_pipeline_and_renoise_by_hand(pipes):
     generator.check_paths()
     # 16 image tokens = the scheduler's base_image_seq_len, so mu = base_shift = 0.5; sigmas 1, 2/3, 1/3, 0
     sigmas = [_shifted(x, 0.5) for x in (1.0, 2 / 3, 1 / 3, 0.0)]
-    assert generator.flow_sigmas().tolist() == pytest.approx(sigmas, abs=1e-6)
+    assert generator.sigmas().tolist() == pytest.approx(sigmas, abs=1e-6)
     noises = seed_noises([5, 6], generator.latent_shape)
     direct = generator.generate("a cat", noises)
     half, _ = generator.run_steps("a cat", generator.start_paths(noises), 2)
