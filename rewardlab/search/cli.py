@@ -74,6 +74,9 @@ def _load_ensemble(terms, normalize, calibration, device, dtype):
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
 @click.option("--negative-prompt", default=None)
+@click.option("--true-cfg-scale", type=float, default=None,
+              help="FLUX: classifier-free guidance with --negative-prompt on top of the distilled guidance (2 NFEs "
+                   "per step).")
 @click.option("--scheduler", type=click.Choice(["default", "ddim"]), default="default", show_default=True,
               help="ddim swaps in a DDIM scheduler (--method paths needs DDIM or Euler on UNet pipelines).")
 @click.option("--pipeline-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -82,8 +85,8 @@ def _load_ensemble(terms, normalize, calibration, device, dtype):
 @click.option("--no-gallery", is_flag=True, help="Do not write gallery.html.")
 def search_command(pipeline_name, prompt_texts, prompts_file, output, method, num_candidates, rounds, threshold,
                    num_neighbors, branches, renoise_steps, max_nfe, seed, batch_size, steps, guidance_scale, height,
-                   width, negative_prompt, scheduler, pipeline_dtype, rewards, normalize, calibration, device, dtype,
-                   no_gallery) -> None:
+                   width, negative_prompt, true_cfg_scale, scheduler, pipeline_dtype, rewards, normalize, calibration,
+                   device, dtype, no_gallery) -> None:
     """Generate candidates per prompt, score them with reward verifiers, keep the best."""
     from .runner import PromptItem, SearchConfig, prompt_id, read_prompts, run_search
 
@@ -92,6 +95,9 @@ def search_command(pipeline_name, prompt_texts, prompts_file, output, method, nu
     config.validate()
     if steps < 1:
         raise UsageError(f"--steps {steps} must be at least 1")
+    if true_cfg_scale is not None and not (true_cfg_scale > 1.0 and negative_prompt is not None):
+        raise UsageError(f"--true-cfg-scale {true_cfg_scale} needs a value above 1 and --negative-prompt",
+                         'e.g. --true-cfg-scale 4 --negative-prompt "blurry"')
     if bool(prompt_texts) == bool(prompts_file):
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
     items = read_prompts(prompts_file) if prompts_file else [PromptItem(t, prompt_id(t)) for t in prompt_texts]
@@ -101,7 +107,8 @@ def search_command(pipeline_name, prompt_texts, prompts_file, output, method, nu
 
     ensemble = _load_ensemble(terms, normalize, calibration, device, dtype)
     pipe = load_pipeline(pipeline_name, device, pipeline_dtype, None if scheduler == "default" else scheduler)
-    generator = DiffusersGenerator(pipe, steps, guidance_scale, height, width, negative_prompt)
+    extra = {} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}
+    generator = DiffusersGenerator(pipe, steps, guidance_scale, height, width, negative_prompt, call_kwargs=extra)
     if method == "paths":
         generator.check_paths()
 

@@ -46,6 +46,7 @@ class DiffusersGenerator:
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.call_kwargs = dict(call_kwargs or {})
+        self._check_call_kwargs()
         self.denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if self.denoiser is None:
             raise UsageError(f"{type(pipe).__name__} has neither a unet nor a transformer",
@@ -59,6 +60,18 @@ class DiffusersGenerator:
         self._hook = self.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+
+    def _check_call_kwargs(self) -> None:
+        """Extra ``__call__`` options must exist on this pipeline; FLUX's true CFG needs a negative prompt
+        (without one the pipeline silently skips it)."""
+        accepted = inspect.signature(self.pipe.__call__).parameters
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = [] if open_ended else sorted(k for k in self.call_kwargs if k not in accepted)
+        if unknown:
+            raise UsageError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}",
+                             "drop the option (true CFG, true_cfg_scale, is a FLUX option)")
+        if float(self.call_kwargs.get("true_cfg_scale", 1.0)) > 1.0 and self.negative_prompt is None:
+            raise UsageError("true_cfg_scale > 1 needs a negative prompt", 'pass --negative-prompt ("" for none)')
 
     def _set_eval(self) -> None:
         """Put every module of the pipeline in eval mode: ``from_pretrained`` does, but a pipeline built from

@@ -382,3 +382,17 @@ def test_cli_on_a_saved_flux_folder_writes_the_run_and_resumes(tmp_path, pipes, 
     assert paths.exit_code == 0, paths.output
     # per prompt: 2 paths run to step 1 (2 NFEs), 4 branches re-noised back to step 0 and run to 2 (8 NFEs)
     assert "2 prompt(s), 0 already done, 20 NFEs" in paths.output
+    true_cfg = CliRunner().invoke(cli, [*common, "--true-cfg-scale", "2", "--negative-prompt", "", "-o",
+                                        str(tmp_path / "true-cfg")])
+    assert true_cfg.exit_code == 0, true_cfg.output
+    assert "2 prompt(s), 0 already done, 16 NFEs" in true_cfg.output  # true CFG: 2 transformer inputs per step
+    no_negative = CliRunner().invoke(cli, [*common, "--true-cfg-scale", "2", "-o", str(tmp_path / "x")])
+    assert no_negative.exit_code == 2 and "--true-cfg-scale 2.0 needs a value above 1 and --negative-prompt" \
+        in no_negative.output and not (tmp_path / "x").exists()
+
+
+def test_options_the_pipeline_does_not_take_are_refused(pipes):
+    with pytest.raises(UsageError, match="^StableDiffusionXLPipeline does not take true_cfg_scale"):
+        _generator(pipes("sdxl"), call_kwargs={"true_cfg_scale": 2.0})
+    with pytest.raises(UsageError, match="^true_cfg_scale > 1 needs a negative prompt"):
+        _generator(pipes("flux"), call_kwargs={"true_cfg_scale": 2.0})
