@@ -65,8 +65,8 @@ class DiffusersGenerator:
         """Extra ``__call__`` options must exist on this pipeline; FLUX's true CFG needs a negative prompt
         (without one the pipeline silently skips it)."""
         accepted = inspect.signature(self.pipe.__call__).parameters
-        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        unknown = [] if open_ended else sorted(k for k in self.call_kwargs if k not in accepted)
+        named = {name for name, p in accepted.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        unknown = sorted(k for k in self.call_kwargs if k not in named)  # **kwargs only takes deprecated names
         if unknown:
             raise UsageError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}",
                              "drop the option (true CFG, true_cfg_scale, is a FLUX option)")
