@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
+from support import record_calls
 
 from rewardlab.align import backprop
 from rewardlab.align import finetune as finetune_module
@@ -94,23 +95,9 @@ def test_refl_train_step_is_imagereward_refl(tmp_path, monkeypatch):
         schedulers.append(scheduler)
         return scheduler
 
-    real_decode = tuner.generator.decode
-
-    def recording_decode(latents):
-        pixels = real_decode(latents)
-        decoded.append((latents.detach().clone(), pixels.detach().clone()))
-        return pixels
-
-    real_loss = tuner.reward_loss
-
-    def recording_loss(rewards):
-        loss = real_loss(rewards)
-        scored.append((rewards.detach().clone(), loss.detach().clone()))
-        return loss
-
     monkeypatch.setattr(finetune_module, "fresh_scheduler", recording_scheduler)
-    monkeypatch.setattr(tuner.generator, "decode", recording_decode)
-    monkeypatch.setattr(tuner, "reward_loss", recording_loss)
+    record_calls(monkeypatch, tuner.generator, "decode", decoded)
+    record_calls(monkeypatch, tuner, "reward_loss", scored)
     stops = []
     for step in range(4):
         recorder.calls.clear()

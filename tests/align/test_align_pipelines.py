@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import record_calls
 
 from rewardlab.align.backprop import sample_with_grad_window
 from rewardlab.align.data import ImageTextPair, pixels_for_generator
@@ -106,14 +107,7 @@ def test_one_step_trains_lora_and_loss_is_the_hand_formula(tmp_path, kind, metho
     before = {k: v.detach().clone() for k, v in trainable_state(tuner.denoiser).items()}
     assert before and all("lora" in k for k in before)
     seen = []
-    real = tuner.reward_loss
-
-    def recording(rewards):
-        loss = real(rewards)
-        seen.append((rewards.detach().clone(), loss.detach().clone()))
-        return loss
-
-    monkeypatch.setattr(tuner, "reward_loss", recording)
+    record_calls(monkeypatch, tuner, "reward_loss", seen)
     record = tuner.train_step(0)
     rewards, loss = seen[0]
     if method == "refl":

@@ -39,3 +39,16 @@ def official_test_loop(all_scores, rankings):
                 if (ranking[i] < ranking[j] and scores[i] > scores[j]) or (ranking[i] > ranking[j] and scores[i] < scores[j]):
                     correct += 1
     return correct / total, total
+
+
+def record_calls(monkeypatch, owner, name: str, log: list) -> None:
+    """Wrap ``owner.name`` so each call appends ``(detached clone of the first argument, detached clone of the
+    result)`` to ``log`` and returns the real result."""
+    real = getattr(owner, name)
+
+    def recording(value, *args, **kwargs):
+        result = real(value, *args, **kwargs)
+        log.append((value.detach().clone(), result.detach().clone()))
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
