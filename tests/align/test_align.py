@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from support import record_calls
+from support import SHARED, record_calls
 
 from rewardlab.align import backprop
 from rewardlab.align import finetune as finetune_module
@@ -24,16 +24,8 @@ from rewardlab.scoring.ensemble import RewardEnsemble
 from rewardlab.testing.diffusion import tiny_pipeline
 from rewardlab.testing.rewards import colour_scorer
 
-REFL_DATA = "/work/shared/data/imagereward/refl_data.json"
+REFL_DATA = str(SHARED / "refl_data.json")
 PROMPTS = ["a red circle", "a blue square", "a green cat", "a red house"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RecordingDenoiser(torch.nn.Module):

@@ -38,14 +38,6 @@ TRAIN = [f"a red {s}" for s in ("circle", "square", "cat", "house", "dog", "cup"
 HELD_OUT = [f"a red {s}" for s in ("tree", "boat", "car", "hat", "bird", "lamp", "book", "shoe")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes_pairs(tmp_path_factory) -> tuple[list[ImageTextPair], list[ImageTextPair]]:
     """64 shape images of all four colours (16 px) with captions: 48 to pretrain on, 16 held out."""

@@ -27,14 +27,6 @@ CPU = torch.device("cpu")
 FLUX_GUIDANCE = 2.0  # not FluxPipeline's default 3.5, so a missing guidance embedding would show
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pipe(kind: str, folder, seed: int = 0):
     pipe = KINDS[kind](folder, seed)
     pipe.set_progress_bar_config(disable=True)
