@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from support import SHARED, record_calls
+from support import record_calls, shared_file
 
 from rewardlab.align import backprop
 from rewardlab.align import finetune as finetune_module
@@ -24,7 +24,6 @@ from rewardlab.scoring.ensemble import RewardEnsemble
 from rewardlab.testing.diffusion import tiny_pipeline
 from rewardlab.testing.rewards import colour_scorer
 
-REFL_DATA = str(SHARED / "refl_data.json")
 PROMPTS = ["a red circle", "a blue square", "a green cat", "a red house"]
 
 
@@ -317,7 +316,7 @@ def test_ema_is_diffusers_ema_of_the_parameter_trajectory(tmp_path):
 
 
 def test_prompt_files_refl_data_text_jsonl(tmp_path):
-    prompts = load_prompts(REFL_DATA)
+    prompts = load_prompts(shared_file("refl_data.json"))
     assert len(prompts) == 10000 and prompts[0].startswith("brittle, abstract emotion")
     (tmp_path / "p.txt").write_text("# comment\na cat\n\n a dog \n")
     assert load_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from support import SHARED, official_test_loop
+from support import official_test_loop, shared_file
 
 from rewardlab.data import count_pairs, load_imagereward
 from rewardlab.eval import PairwiseAccuracy, RecallFilterAtK, rank_generators, tie_calibrated_accuracy
@@ -74,7 +74,7 @@ def test_merge_equals_single_pass_and_bootstrap_brackets():
 
 
 def test_real_imagereward_test_split_counts_and_official_loop():
-    groups = load_imagereward(SHARED / "test.json")
+    groups = load_imagereward(shared_file("test.json"))
     assert len(groups) == 466
     assert count_pairs(groups) == (6399, 831)
     rng = np.random.default_rng(0)

@@ -15,8 +15,17 @@ OFFICIAL_PYTHON = Path(os.environ.get("REWARDLAB_OFFICIAL_VENV", REPO / ".offici
 EXAMPLE_PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
 
 
+def shared_file(relative: str) -> Path:
+    """A file of the project's shared ImageReward data (``../shared/data/imagereward``); the test is skipped,
+    naming the path, on a machine without that folder."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (a checkout beside the project's shared/ folder has it)")
+    return path
+
+
 def example_images() -> list[str]:
-    return [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
+    return [str(shared_file(f"images/{i}.webp")) for i in range(1, 5)]
 
 
 def official_python() -> str:
