@@ -28,9 +28,7 @@ def ray_options(func: Callable) -> Callable:
         click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
                      help="With --ray: GPUs per actor (default: 1 if the cluster has GPUs, else 0)."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(options, func)
 
 
 def manifest_options(func: Callable) -> Callable:
@@ -42,6 +40,11 @@ def manifest_options(func: Callable) -> Callable:
         click.option("--shard-rows", type=click.IntRange(min=1), default=None,
                      help="With --ray: rows per output Parquet shard, the unit of resuming (default 1024)."),
     ]
+    return _apply(options, func)
+
+
+def _apply(options: list[Callable], func: Callable) -> Callable:
+    """Decorate ``func`` with click ``options`` so they show in the listed order."""
     for option in reversed(options):
         func = option(func)
     return func

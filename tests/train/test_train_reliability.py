@@ -207,14 +207,20 @@ def test_diverging_lr_stops_with_non_finite_error_and_saves_nothing_non_finite(t
     assert all(r["loss"] is None or r["loss"] == r["loss"] for r in log if "loss" in r)  # no NaN was logged
 
 
-def test_cli_diverging_run_is_one_line_error(tmp_path):
-    data = tmp_path / "pairs.jsonl"
+def _pair_file(folder: Path, count: int) -> Path:
+    """``count`` shape pairs (seed 4) saved as PNGs beside a pairs JSONL that names them relatively."""
     rows = []
-    for n, p in enumerate(make_pairs(8, seed=4)):
-        p.preferred_image.save(tmp_path / f"g{n}.png")
-        p.rejected_image.save(tmp_path / f"b{n}.png")
+    for n, p in enumerate(make_pairs(count, seed=4)):
+        p.preferred_image.save(folder / f"g{n}.png")
+        p.rejected_image.save(folder / f"b{n}.png")
         rows.append({"prompt": p.preferred_prompt, "preferred_image": f"g{n}.png", "rejected_image": f"b{n}.png"})
+    data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_cli_diverging_run_is_one_line_error(tmp_path):
+    data = _pair_file(tmp_path, 8)
     result = CliRunner().invoke(cli, ["train", "-d", f"pairs:{data}", "-o", str(tmp_path / "out"), "--set",
                                       f"spec_json={SPEC}", "--set", "lr=1e12", "--set", "max_steps=30", "--set",
                                       "max_grad_norm=0", "--set", "batch_size=4", "--set", "cpu=true",
@@ -299,13 +305,7 @@ def test_resume_with_changed_settings_or_data_is_refused_unless_allowed(tmp_path
 
 
 def test_cli_resume_mismatch_flag(tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    rows = []
-    for n, p in enumerate(make_pairs(16, seed=4)):
-        p.preferred_image.save(tmp_path / f"g{n}.png")
-        p.rejected_image.save(tmp_path / f"b{n}.png")
-        rows.append({"prompt": p.preferred_prompt, "preferred_image": f"g{n}.png", "rejected_image": f"b{n}.png"})
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _pair_file(tmp_path, 16)
     config = tmp_path / "c.yaml"
     config.write_text(f"spec_json: '{SPEC}'\nbatch_size: 4\nmax_steps: 2\nsave_every: 1\neval_every: 0\ncpu: true\n"
                       "valid_fraction: 0.25\nfreeze_ratio: 0.5\n")
