@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from throughput import PROMPT, official_imagereward  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "imagereward"
-PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
 IMAGES = [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
 
 REWARDLAB_CHILD = """
@@ -68,9 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pt, safetensors = folder / "ImageReward.pt", folder / "ImageReward.safetensors"
-        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
-                        "--seed", "0", "--checkpoint", str(pt), "--out", str(folder / "ref.json"), "--prompt", PROMPT,
-                        IMAGES[0]], check=True, capture_output=True)
+        official_imagereward(args.official_python, pt, IMAGES[:1])
         subprocess.run([sys.executable, "-m", "rewardlab.cli", "convert", str(pt), str(safetensors)], check=True,
                        capture_output=True)
         configs = {

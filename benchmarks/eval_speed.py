@@ -10,15 +10,13 @@ weights. Official: `inference_rank` (fp32, one image at a time) then the pair lo
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import PROMPT, REPO, eight_images  # noqa: E402
+from throughput import PROMPT, REPO, eight_images, official_imagereward  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +35,9 @@ def main() -> None:
         images = eight_images(folder)
         ranking = [1, 2, 3, 4, 5, 6, 7, 8]
         pairs = len(images) * (len(images) - 1) // 2
-        checkpoint, out = folder / "ir.pt", folder / "ref.json"
-        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
-                        "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", PROMPT,
-                        "--time-rank", str(args.repeats), *images], check=True, capture_output=True)
-        official_pps = pairs / json.loads(out.read_text())["rank_seconds"]
+        checkpoint = folder / "ir.pt"
+        official = official_imagereward(args.official_python, checkpoint, images, time_rank=args.repeats)
+        official_pps = pairs / official["rank_seconds"]
 
         scorer = rewardlab.load("imagereward-v1.0", checkpoint=checkpoint, dtype="fp32")
         group = [Group("g", [PROMPT] * len(images), images, [float(r) for r in ranking])]

@@ -25,6 +25,18 @@ SHARED = REPO.parent / "shared" / "data" / "imagereward"
 PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
 
 
+def official_imagereward(python: str, checkpoint: Path, images: list[str], time_rank: int | None = None,
+                         prompt: str = PROMPT) -> dict:
+    """Run the official package in its venv on seeded random ImageReward weights: writes ``checkpoint`` (the
+    official ``.pt`` format) and returns its scores (and ``rank_seconds`` with ``time_rank`` repeats)."""
+    out = checkpoint.with_suffix(".ref.json")
+    timing = [] if time_rank is None else ["--time-rank", str(time_rank)]
+    subprocess.run([python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model",
+                    "imagereward", "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt",
+                    prompt, *timing, *images], check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
 def eight_images(folder: Path) -> list[str]:
     """The 4 real example generations plus 4 real photos (or noise if scikit-image is absent)."""
     images = [str(SHARED / "images" / f"{i}.webp") for i in range(1, 5)]
@@ -102,11 +114,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         images = eight_images(folder)
-        checkpoint, out = folder / "ir.pt", folder / "ref.json"
-        subprocess.run([args.official_python, str(REPO / "rewardlab" / "testing" / "reference" / "official_ref.py"), "--model", "imagereward",
-                        "--seed", "0", "--checkpoint", str(checkpoint), "--out", str(out), "--prompt", PROMPT,
-                        "--time-rank", str(args.repeats), *images], check=True, capture_output=True)
-        ref = json.loads(out.read_text())
+        checkpoint = folder / "ir.pt"
+        ref = official_imagereward(args.official_python, checkpoint, images, time_rank=args.repeats)
         official_ips = len(images) / ref["rank_seconds"]
 
         rows = []
