@@ -109,8 +109,6 @@ def search_command(pipeline_name, prompt_texts, prompts_file, output, method, nu
     pipe = load_pipeline(pipeline_name, device, pipeline_dtype, None if scheduler == "default" else scheduler)
     extra = {} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}
     generator = DiffusersGenerator(pipe, steps, guidance_scale, height, width, negative_prompt, call_kwargs=extra)
-    if method == "paths":
-        generator.check_paths()
 
     def report(result) -> None:
         score = "error" if result.best_score is None else f"{result.best_score:.4f}"

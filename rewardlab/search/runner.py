@@ -7,8 +7,8 @@ Methods (``SearchConfig.method``):
 - ``zero-order``: round 0 scores one seeded pivot noise; each later round scores ``num_neighbors`` noises
   with the pivot's norm and cosine ``threshold`` to it, and the pivot moves to the best candidate so far.
 - ``paths``: ``num_candidates`` seeded paths run to the first checkpoint; each round re-noises every kept
-  path ``branches`` times by ``renoise_steps`` scheduler steps (DDIM on SD 1.x/2.x, flow matching on
-  FLUX), continues to the next checkpoint, scores the predicted clean images and keeps the best
+  path ``branches`` times by ``renoise_steps`` scheduler steps (DDIM or Euler on SD 1.x/2.x and SDXL,
+  flow matching on SD3 and FLUX), continues to the next checkpoint, scores the predicted clean images and keeps the best
   ``num_candidates``; the last round ends at the final step.
 
 Scoring: every round's new candidates go through each verifier in one batched call
