@@ -39,8 +39,10 @@ class DiffusersGenerator:
             from ..diffusion.loading import load_pipeline
 
             name = name or pipeline
-            pipeline = load_pipeline(pipeline, device or "cpu", dtype or "fp32")
-        self.pipeline = pipeline.to(device) if device else pipeline
+            pipeline = load_pipeline(pipeline, device or "cpu", dtype or "fp32")  # already on the device
+        elif device:
+            pipeline = pipeline.to(device)
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.name = name or type(pipeline).__name__
         self.params = {"steps": steps, "guidance": guidance, "height": height, "width": width}

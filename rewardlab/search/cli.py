@@ -106,7 +106,7 @@ def search_command(pipeline_name, prompt_texts, prompts_file, output, method, nu
     from .generator import DiffusersGenerator
 
     ensemble = _load_ensemble(terms, normalize, calibration, device, dtype)
-    pipe = load_pipeline(pipeline_name, device, pipeline_dtype, None if scheduler == "default" else scheduler)
+    pipe = load_pipeline(pipeline_name, device, pipeline_dtype, scheduler)
     extra = {} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}
     generator = DiffusersGenerator(pipe, steps, guidance_scale, height, width, negative_prompt, call_kwargs=extra)
 
